@@ -1,0 +1,195 @@
+"""Typed configuration groups.
+
+One dataclass per YAML group, with the names and defaults of the configuration document users
+already know (``shared/seeds/ironcore-configuration.md``). Each field's metadata carries its
+``help`` text (the README's config reference is generated from it) and, where the value is one of
+a fixed set, its ``choices``. Keys that IronCore adds beyond the seed are marked ``added=True``.
+
+Two seed defaults are replaced by "derived" (``None``) as SPEC §3 asks: ``model.head_dim``
+(``d_model / num_attention_heads``) and ``data.vocab_size`` (the tokenizer's vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+
+def _f(default: Any, help: str, choices: Optional[list] = None, added: bool = False, **extra):
+    """A dataclass field with documentation metadata; mutable defaults are copied per instance."""
+    meta = {"help": help, "choices": choices, "added": added, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainerConfig:
+    model_name: str = _f("model", "Model name")
+    model_path: str = _f("", "Model save/load directory")
+    micro_batch_size: int = _f(2, "Micro batch size per GPU", minimum=1)
+    train_batch_size: Optional[int] = _f(None, "Global training batch size (derived when omitted)", minimum=1)
+    gradient_accumulation_steps: Optional[int] = _f(
+        None, "Gradient accumulation steps (derived when omitted)", minimum=1)
+    tensor_model_parallel_size: int = _f(1, "Tensor parallelism size", minimum=1)
+    pipeline_model_parallel_size: int = _f(1, "Pipeline parallelism size", minimum=1)
+    save_checkpoint_steps: int = _f(1000, "Checkpoint save interval", minimum=1)
+    log_interval: int = _f(20, "Progress print interval", minimum=1)
+    grad_norm_log_interval: Optional[str] = _f(
+        None, "Gradient norm logging cadence (`log`, `checkpoint`, or `None`)", choices=["log", "checkpoint"])
+    param_norm_log_interval: Optional[str] = _f(
+        None, "Parameter norm logging cadence (`log`, `checkpoint`, or `None`)", choices=["log", "checkpoint"])
+    use_flash_attn: bool = _f(True, "Use Flash Attention (when installed and on GPU; else SDPA)")
+    vocab_padding_unit: int = _f(128, "Vocab padding for tensor core optimization", minimum=1)
+    num_workers: int = _f(8, "DataLoader workers", minimum=0)
+    do_eval: bool = _f(False, "Enable evaluation")
+    eval_batch_size: Optional[int] = _f(None, "Evaluation batch size (micro_batch_size when omitted)", minimum=1)
+    # Added by IronCore (SPEC §1).
+    compile_model: bool = _f(False, "torch.compile the model", added=True)
+    do_test: bool = _f(False, "Evaluate on the test split at the end of training", added=True)
+    keep_last_checkpoints: Optional[int] = _f(
+        None, "Keep only the newest K checkpoints (`None` keeps all)", added=True, minimum=1)
+
+
+@dataclass
+class OperationConfig:
+    train_steps: int = _f(1000, "Total training steps", minimum=1)
+    eval_interval: int = _f(100, "Evaluation interval", minimum=1)
+    eval_samples: int = _f(100, "Number of evaluation samples", minimum=0)
+    test_samples: int = _f(100, "Number of test samples", minimum=0)
+    activation_recompute: bool = _f(False, "Enable activation checkpointing")
+    recompute_strategy: str = _f("default", "Recompute strategy (`default`, `optimized`)",
+                                 choices=["default", "optimized"])
+    no_save: bool = _f(False, "Disable checkpoint saving")
+    save_dist_ckpt: bool = _f(False, "Use distributed checkpoint saving")
+    exit_interval: Optional[int] = _f(None, "Exit after N steps (for debugging)", minimum=1)
+
+
+@dataclass
+class PositionalEmbeddingConfig:
+    type: str = _f("absolute", "PE type (`absolute`, `rope`, `none`)", choices=["absolute", "rope", "none"])
+    base: int = _f(10000, "RoPE base frequency", minimum=1)
+    scaling_factor: float = _f(1.0, "RoPE scaling factor", exclusive_minimum=0)
+    offset: int = _f(0, "RoPE position offset", minimum=0)
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = _f(512, "Hidden dimension size", minimum=1)
+    d_ffn: int = _f(2048, "Feed-forward dimension size", minimum=1)
+    num_layers: int = _f(2, "Number of transformer layers", minimum=1)
+    num_attention_heads: int = _f(8, "Number of attention heads", minimum=1)
+    num_attention_groups: Optional[int] = _f(None, "KV groups for GQA (None = MHA)", minimum=1)
+    head_dim: Optional[int] = _f(
+        None, "Attention head dimension (derived as d_model / num_attention_heads when omitted)", minimum=1)
+    max_seq_len: int = _f(512, "Maximum sequence length", minimum=1)
+    precision: str = _f("bfloat16", "Model precision (`bfloat16`, `float16`, `float32`)",
+                        choices=["bfloat16", "float16", "float32"])
+    ln_type: str = _f("layernorm", "Layer norm type (`layernorm`, `rmsnorm`)", choices=["layernorm", "rmsnorm"])
+    ln_eps: float = _f(1e-5, "Layer norm epsilon", exclusive_minimum=0)
+    post_ln: bool = _f(False, "Use post-LN (vs pre-LN)")
+    activation_type: str = _f(
+        "gelu", "Activation function (`gelu`, `gelu_tanh` as GPT-2, `relu`, `swiglu` as LLaMA)",
+        choices=["gelu", "gelu_tanh", "relu", "swiglu"])
+    dropout_embd: float = _f(0.1, "Embedding dropout", minimum=0, maximum=1)
+    dropout_attn: float = _f(0.1, "Attention dropout", minimum=0, maximum=1)
+    dropout_mlp: float = _f(0.1, "MLP dropout", minimum=0, maximum=1)
+    no_bias: bool = _f(False, "Disable bias in layers")
+    untie_embed: bool = _f(False, "Untie input/output embeddings")
+    tokenizer_type: str = _f("gpt2", "Tokenizer type (`gpt2`: shipped tiktoken BPE; `hf`: a local HF tokenizer)",
+                             choices=["gpt2", "hf"])
+    vocab_name_or_path: str = _f("gpt2", "Vocab name or path")
+    positional_embedding: PositionalEmbeddingConfig = field(
+        default_factory=PositionalEmbeddingConfig, metadata={"help": "Positional embedding", "added": False})
+
+
+@dataclass
+class DataConfig:
+    config_path: Optional[str] = _f(None, "Path to data config YAML")
+    task_type: Optional[str] = _f(None, "Task type (`pretrain`, `sft`, `dpo`)", choices=["pretrain", "sft", "dpo"])
+    splits: list = _f([0.97, 0.029, 0.001], "Train/eval/test split ratios")
+    train_datasets: Optional[list] = _f(None, "Training dataset configs (`[{path, weight}, ...]`)")
+    eval_datasets: Optional[list] = _f(None, "Evaluation dataset configs")
+    test_datasets: Optional[list] = _f(None, "Test dataset configs")
+    vocab_size: Optional[int] = _f(None, "Vocabulary size (the tokenizer's when omitted)", minimum=1)
+    pad_to_max_length: bool = _f(False, "Pad sequences to max length")
+    pad_token_id: int = _f(-1, "Pad token ID (default: EOS)", minimum=-1)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = _f("adam", "Optimizer type (`adam`, `adamw`)", choices=["adam", "adamw"])
+    lr_scheduler: str = _f("cosine", "LR scheduler type (`cosine`, `linear`, `constant`, `wsd`)",
+                           choices=["cosine", "linear", "constant", "wsd"])
+    max_lr: float = _f(5e-4, "Maximum learning rate", minimum=0)
+    min_lr: float = _f(0.0, "Minimum learning rate", minimum=0)
+    warmup_steps: int = _f(0, "LR warmup steps", minimum=0)
+    annealing_steps: int = _f(0, "LR annealing steps", minimum=0)
+    weight_decay: float = _f(0.01, "Weight decay", minimum=0)
+    no_decay_on_embedding: bool = _f(True, "Skip weight decay on embeddings")
+    adam_beta1: float = _f(0.9, "Adam beta1", minimum=0, exclusive_maximum=1)
+    adam_beta2: float = _f(0.95, "Adam beta2", minimum=0, exclusive_maximum=1)
+    adam_eps: float = _f(1e-8, "Adam epsilon", exclusive_minimum=0)
+    clip_grad: float = _f(1.0, "Gradient clipping value", minimum=0)
+    load_checkpoint_optim_state: bool = _f(True, "Load optimizer state from checkpoint")
+    load_checkpoint_lr_scheduler: bool = _f(True, "Load LR scheduler from checkpoint")
+
+
+@dataclass
+class InitConfig:
+    seed: int = _f(1337, "Random seed", minimum=0)
+    init_std: float = _f(0.006, "Initialization std dev", minimum=0)
+    xavier_init: bool = _f(False, "Use Xavier initialization")
+    data_parallel_random_init: bool = _f(False, "Enable DP random init")
+
+
+@dataclass
+class ParallelConfig:
+    rank: int = _f(-1, "Global rank (auto)", minimum=-1)
+    local_rank: int = _f(0, "Local rank (auto)", minimum=0)
+    world_size: int = _f(1, "World size (auto)", minimum=1)
+    dist_backend: str = _f("nccl", "Distributed backend (falls back to `gloo` without CUDA)",
+                           choices=["nccl", "gloo"])
+    timeout_minute: float = _f(10.0, "Distributed timeout", exclusive_minimum=0)
+    use_fsdp: bool = _f(False, "Enable FSDP")
+    fsdp_offload_params: bool = _f(False, "FSDP CPU offload")
+    fsdp_mixed_precision: str = _f("mixed", "FSDP precision (`mixed`, `fp16`, `bf16`, `fp32`)",
+                                   choices=["mixed", "fp16", "bf16", "fp32"])
+    fsdp_sharding_strategy: str = _f("full", "Sharding strategy (`full`, `hybrid`, `no_shard`)",
+                                     choices=["full", "hybrid", "no_shard"])
+    fsdp_state_dict_type: str = _f("full", "State dict type (`full`, `local`, `sharded`)",
+                                   choices=["full", "local", "sharded"])
+
+
+@dataclass
+class UtilsConfig:
+    log_level: str = _f("INFO", "Log level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    tensorboard_dir: Optional[str] = _f(None, "TensorBoard log directory")
+    mlflow_tracking_uri: Optional[str] = _f(None, "MLflow tracking URI")
+    mlflow_experiment_name: Optional[str] = _f(None, "MLflow experiment name")
+    profile_nsys: bool = _f(False, "Enable Nsight Systems profiling")
+    profile_torch: bool = _f(False, "Enable PyTorch profiler")
+    profile_step_start: int = _f(10, "Profile start step", minimum=0)
+    profile_step_end: int = _f(12, "Profile end step", minimum=0)
+    profile_ranks: list = _f([0], "Ranks to profile")
+    deterministic: bool = _f(False, "Enable deterministic mode")
+    report_memory_usage: bool = _f(True, "Report memory usage")
+    # Added by IronCore (SPEC §1).
+    stop_on_profile_end: bool = _f(False, "Exit the run once the profiling window ends", added=True)
+
+
+@dataclass
+class Config:
+    """The resolved configuration: one attribute per YAML group."""
+
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    operation: OperationConfig = field(default_factory=OperationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    utils: UtilsConfig = field(default_factory=UtilsConfig)
+
+
+GROUPS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
