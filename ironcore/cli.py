@@ -1,5 +1,165 @@
-"""Command-line entry (placeholder until the config helper lands the real one)."""
+"""The ``ironcore`` command (also ``python -m ironcore``).
+
+    ironcore [train] CONFIG [group.key=value ...]     train (the default subcommand)
+    ironcore train --config CONFIG [overrides ...]    the same, as earlier releases spelled it
+    ironcore config CONFIG [overrides ...]            print the resolved config, each key with its source
+    ironcore eval CONFIG [overrides ...]              evaluate model_path's latest checkpoint
+    ironcore preprocess ...                           tokenize text into indexed datasets
+    ironcore data-stats ...                           statistics of indexed datasets
+
+A configuration mistake (or a missing file) prints the list of problems and exits with status 2,
+never a traceback. The training, evaluation and data modules are imported only when used, so
+``ironcore config`` works without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from types import ModuleType
+from typing import Callable, Optional, Sequence
+
+from ironcore.config import Config, ConfigError, load_config_with_provenance, to_yaml
+
+USAGE_ERROR = 2
+_RUN_COMMANDS = {
+    "train": "train a model (the default when the first argument is a config file)",
+    "config": "print the resolved config as YAML, each key with its source",
+    "eval": "evaluate the latest checkpoint in trainer.model_path; prints JSON losses",
+}
+_TOOL_COMMANDS = {
+    "preprocess": ("ironcore.data.preprocess", "tokenize .jsonl/.txt into .bin/.idx datasets"),
+    "data-stats": ("ironcore.data.stats", "print statistics of .bin/.idx datasets"),
+}
 
 
-def main() -> int:
+class UsageError(Exception):
+    """A user mistake that is not about the config's contents (e.g. a module not built yet)."""
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun/SLURM every rank validates the same config; only one should print the errors."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _import_optional(module: str) -> Optional[ModuleType]:
+    """The module, or None when it (not one of its own imports) does not exist yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            return None
+        raise
+
+
+def _run_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"ironcore {command}", description=_RUN_COMMANDS[command],
+        epilog="Overrides: group.key=value (YAML scalars, e.g. optim.max_lr=3e-4, "
+               "model.positional_embedding.type=rope) or group=preset (e.g. model=gpt2-small).")
+    parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="the YAML config file")
+    parser.add_argument("args", nargs="*", metavar="CONFIG [OVERRIDES]",
+                        help="the YAML config file (unless --config is given), then overrides")
+    return parser
+
+
+def _load(command: str, argv: Sequence[str]) -> tuple[Config, dict[str, str], str]:
+    parsed = _run_parser(command).parse_args(list(argv))
+    args = list(parsed.args)
+    path = parsed.config_option or (args.pop(0) if args else None)
+    if path is None:
+        raise UsageError(f"ironcore {command}: a CONFIG file is required (ironcore {command} CONFIG [overrides])")
+    cfg, provenance = load_config_with_provenance(path, args)
+    return cfg, provenance, path
+
+
+def _setup_logging(cfg: Config) -> None:
+    logging.basicConfig(level=cfg.utils.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _plan_text(cfg: Config) -> str:
+    t, m, p = cfg.trainer, cfg.model, cfg.parallel
+    dp = p.world_size // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)
+    return (f"model: {m.num_layers} layers, d_model {m.d_model}, {m.num_attention_heads} heads, "
+            f"seq {m.max_seq_len}, {m.precision}\n"
+            f"parallel: world size {p.world_size} = data {dp} × tensor {t.tensor_model_parallel_size} "
+            f"× pipeline {t.pipeline_model_parallel_size}\n"
+            f"batch: {t.train_batch_size} = micro {t.micro_batch_size} × accumulation "
+            f"{t.gradient_accumulation_steps} × data {dp}\n"
+            f"steps: {cfg.operation.train_steps}, max_lr {cfg.optim.max_lr}, output {t.model_path or '(none)'}")
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    cfg, _, path = _load("train", argv)
+    _setup_logging(cfg)
+    trainer = _import_optional("ironcore.training.trainer")
+    if trainer is None:
+        if _is_main_rank():
+            print(f"{path}: config is valid. Would train:\n{_plan_text(cfg)}\n"
+                  "(ironcore.training.trainer is not available yet; nothing was run)")
+        return 0
+    trainer.train(cfg)
     return 0
+
+
+def cmd_config(argv: Sequence[str]) -> int:
+    cfg, provenance, path = _load("config", argv)
+    print(f"# Resolved by `ironcore config {path}`; each key's comment says where its value came from.")
+    print(to_yaml(cfg, provenance), end="")
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    cfg, _, _ = _load("eval", argv)
+    _setup_logging(cfg)
+    evaluate = _import_optional("ironcore.training.evaluate")
+    if evaluate is None:
+        raise UsageError("ironcore eval: evaluation is not available yet (ironcore.training.evaluate)")
+    status = evaluate.main(cfg)
+    return status if isinstance(status, int) else 0
+
+
+def _tool(module: str) -> Callable[[Sequence[str]], int]:
+    def run(argv: Sequence[str]) -> int:
+        tool = _import_optional(module)
+        if tool is None:
+            raise UsageError(f"{module} is not available yet")
+        status = tool.main(list(argv))
+        return status if isinstance(status, int) else 0
+    return run
+
+
+def _top_help() -> str:
+    lines = ["usage: ironcore [train] CONFIG [overrides ...]", "       ironcore COMMAND ...", "", "commands:"]
+    lines += [f"  {name:<11} {text}" for name, text in _RUN_COMMANDS.items()]
+    lines += [f"  {name:<11} {text}" for name, (_, text) in _TOOL_COMMANDS.items()]
+    lines += ["", "Run `ironcore COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (2 for user mistakes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else USAGE_ERROR
+    commands: dict[str, Callable[[Sequence[str]], int]] = {
+        "train": cmd_train, "config": cmd_config, "eval": cmd_eval,
+        **{name: _tool(module) for name, (module, _) in _TOOL_COMMANDS.items()},
+    }
+    command = argv[0] if argv[0] in commands else "train"
+    rest = argv[1:] if argv[0] in commands else argv
+    try:
+        return commands[command](rest)
+    except ConfigError as e:
+        if _is_main_rank():
+            print(f"ironcore {command}: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return USAGE_ERROR
+    except SystemExit as e:  # argparse's own usage errors (status 2) and --help (status 0)
+        return e.code if isinstance(e.code, int) else USAGE_ERROR

@@ -3,7 +3,9 @@
 One dataclass per YAML group, with the names and defaults of the configuration document users
 already know (``shared/seeds/ironcore-configuration.md``). Each field's metadata carries its
 ``help`` text (the README's config reference is generated from it) and, where the value is one of
-a fixed set, its ``choices``. Keys that IronCore adds beyond the seed are marked ``added=True``.
+a fixed set, its ``choices``; numeric bounds are ``minimum``/``maximum``/``exclusive_minimum``/
+``exclusive_maximum``. Keys that IronCore adds beyond the seed are marked ``added=True``; keys computed
+when left unset (``validate.py``) are marked ``derived=True``.
 
 Two seed defaults are replaced by "derived" (``None``) as SPEC §3 asks: ``model.head_dim``
 (``d_model / num_attention_heads``) and ``data.vocab_size`` (the tokenizer's vocabulary).
@@ -28,9 +30,10 @@ class TrainerConfig:
     model_name: str = _f("model", "Model name")
     model_path: str = _f("", "Model save/load directory")
     micro_batch_size: int = _f(2, "Micro batch size per GPU", minimum=1)
-    train_batch_size: Optional[int] = _f(None, "Global training batch size (derived when omitted)", minimum=1)
+    train_batch_size: Optional[int] = _f(
+        None, "Global training batch size (derived when omitted)", minimum=1, derived=True)
     gradient_accumulation_steps: Optional[int] = _f(
-        None, "Gradient accumulation steps (derived when omitted)", minimum=1)
+        None, "Gradient accumulation steps (derived when omitted)", minimum=1, derived=True)
     tensor_model_parallel_size: int = _f(1, "Tensor parallelism size", minimum=1)
     pipeline_model_parallel_size: int = _f(1, "Pipeline parallelism size", minimum=1)
     save_checkpoint_steps: int = _f(1000, "Checkpoint save interval", minimum=1)
@@ -49,6 +52,9 @@ class TrainerConfig:
     do_test: bool = _f(False, "Evaluate on the test split at the end of training", added=True)
     keep_last_checkpoints: Optional[int] = _f(
         None, "Keep only the newest K checkpoints (`None` keeps all)", added=True, minimum=1)
+    load_iteration: Optional[int] = _f(
+        None, "Checkpoint iteration to resume from (`None`: the one `latest` in model_path names; "
+        "`0`: start fresh even when model_path holds checkpoints)", added=True, minimum=0)
 
 
 @dataclass
@@ -81,7 +87,8 @@ class ModelConfig:
     num_attention_heads: int = _f(8, "Number of attention heads", minimum=1)
     num_attention_groups: Optional[int] = _f(None, "KV groups for GQA (None = MHA)", minimum=1)
     head_dim: Optional[int] = _f(
-        None, "Attention head dimension (derived as d_model / num_attention_heads when omitted)", minimum=1)
+        None, "Attention head dimension (derived as d_model / num_attention_heads when omitted)", minimum=1,
+        derived=True)
     max_seq_len: int = _f(512, "Maximum sequence length", minimum=1)
     precision: str = _f("bfloat16", "Model precision (`bfloat16`, `float16`, `float32`)",
                         choices=["bfloat16", "float16", "float32"])
@@ -111,7 +118,8 @@ class DataConfig:
     train_datasets: Optional[list] = _f(None, "Training dataset configs (`[{path, weight}, ...]`)")
     eval_datasets: Optional[list] = _f(None, "Evaluation dataset configs")
     test_datasets: Optional[list] = _f(None, "Test dataset configs")
-    vocab_size: Optional[int] = _f(None, "Vocabulary size (the tokenizer's when omitted)", minimum=1)
+    vocab_size: Optional[int] = _f(
+        None, "Vocabulary size (derived: the tokenizer's when omitted)", minimum=1, derived=True)
     pad_to_max_length: bool = _f(False, "Pad sequences to max length")
     pad_token_id: int = _f(-1, "Pad token ID (default: EOS)", minimum=-1)
 
@@ -159,6 +167,11 @@ class ParallelConfig:
                                      choices=["full", "hybrid", "no_shard"])
     fsdp_state_dict_type: str = _f("full", "State dict type (`full`, `local`, `sharded`)",
                                    choices=["full", "local", "sharded"])
+    # Added by IronCore: the model's sequence parallelism needs a switch (the seed has none).
+    sequence_parallel: bool = _f(
+        False, "Sequence parallelism: split norms/dropout activations along the sequence across the "
+        "tensor-parallel group (saves activation memory; needs TP > 1 and seq length divisible by TP)",
+        added=True)
 
 
 @dataclass

@@ -1,0 +1,364 @@
+"""Type, choice and range checks, and the cross-field rules of SPEC §3.
+
+``build_config`` turns the merged plain values into the typed dataclasses, checking each field against
+its annotation and its metadata (``choices``, ``minimum``, ``maximum``, ``exclusive_minimum``,
+``exclusive_maximum``). ``check_rules`` then applies the rules that involve several keys and fills in
+the derived values (batch arithmetic, head_dim, vocab_size, world size from the launcher's env).
+Problems are appended to ``errors``; each message names the key, where it was set, the value and what
+is allowed. ``bad`` holds keys already reported, so a rule never piles a second error onto them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import typing
+from dataclasses import Field, asdict, fields, is_dataclass
+from typing import Any, Optional, Union
+
+from ironcore.config.errors import ConfigError
+from ironcore.config.schema import GROUPS, Config
+
+GPT2_VOCAB_SIZE = 50257
+DATASET_ENTRY_KEYS = {"path": "required, a string", "weight": "a number > 0, default 1.0"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Message helpers
+# ---------------------------------------------------------------------------------------------
+
+def origin(source: str) -> str:
+    """Where a value came from, for messages."""
+    if source == "default":
+        return "default"
+    if source == "override":
+        return "set by a command-line override"
+    if source == "code":
+        return "set in code"
+    if source.startswith("derived"):
+        return source
+    return f"set at {source}"
+
+
+def kind(value: Any) -> str:
+    """A value's YAML type in words, e.g. ``a string``."""
+    if isinstance(value, dict):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def describe(value: Any) -> str:
+    """A value as written in YAML (``'abc'``, ``3``, ``[1, 2]``, ``null``); mappings are just named."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)
+
+
+def _field_error(errors: list[str], bad: set[str], key: str, value: Any, prov: dict[str, str],
+                 problem: str) -> None:
+    bad.add(key)
+    errors.append(f"{key} = {describe(value)} ({origin(prov.get(key, 'default'))}): {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Field types and metadata
+# ---------------------------------------------------------------------------------------------
+
+def field_hints(cls: type) -> dict[str, Any]:
+    """Resolved type annotations of a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def split_optional(hint: Any) -> tuple[Any, bool]:
+    """``Optional[int]`` -> ``(int, True)``; ``int`` -> ``(int, False)``."""
+    if typing.get_origin(hint) is Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def type_name(hint: Any) -> str:
+    base, optional = split_optional(hint)
+    name = _TYPE_NAMES.get(base, getattr(base, "__name__", str(base)))
+    return f"{name} or null" if optional else name
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(ok, value converted to the field's type). Integers are accepted where numbers are expected;
+    true/false is never taken for a number."""
+    base, optional = split_optional(hint)
+    if value is None:
+        return optional, None
+    if base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, base), value
+
+
+def range_text(meta: dict) -> Optional[str]:
+    """The allowed range from a field's metadata, e.g. ``>= 1`` or ``>= 0 and < 1``."""
+    parts = [f"{op} {meta[k]}" for k, op in (("minimum", ">="), ("exclusive_minimum", ">"),
+                                             ("maximum", "<="), ("exclusive_maximum", "<"))
+             if meta.get(k) is not None]
+    return " and ".join(parts) or None
+
+
+def _closest(word: str, candidates: list[str]) -> Optional[str]:
+    """The candidate closest to ``word`` ignoring case (``RMSNorm`` -> ``rmsnorm``), or None."""
+    lowered = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None
+
+
+def _in_range(value: float, meta: dict) -> bool:
+    checks = (("minimum", lambda v, b: v >= b), ("exclusive_minimum", lambda v, b: v > b),
+              ("maximum", lambda v, b: v <= b), ("exclusive_maximum", lambda v, b: v < b))
+    return all(meta.get(k) is None or test(value, meta[k]) for k, test in checks)
+
+
+def _check_field(f: Field, hint: Any, value: Any, key: str, prov: dict[str, str], bad: set[str],
+                 errors: list[str]) -> tuple[bool, Any]:
+    ok, value = _coerce(value, hint)
+    if not ok:
+        _field_error(errors, bad, key, value, prov, f"expected {type_name(hint)}, got {kind(value)}")
+        return False, value
+    meta = f.metadata
+    if value is None:
+        return True, value
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        allowed = ", ".join(repr(c) for c in choices) + (" or null" if split_optional(hint)[1] else "")
+        close = _closest(str(value), [str(c) for c in choices])
+        hint_text = f"; did you mean {close!r}?" if close else ""
+        _field_error(errors, bad, key, value, prov, f"must be one of {allowed}{hint_text}")
+        return False, value
+    if isinstance(value, (int, float)) and not _in_range(value, meta):
+        _field_error(errors, bad, key, value, prov, f"must be {range_text(meta)}")
+        return False, value
+    return True, value
+
+
+# ---------------------------------------------------------------------------------------------
+# Lists with structure: dataset entries, splits, profile ranks
+# ---------------------------------------------------------------------------------------------
+
+def _entry_source(source: str, entry: Any) -> str:
+    """The line of a dataset entry itself when the loader recorded it, else where the list was set."""
+    file, _, line = source.rpartition(":")
+    lines = getattr(entry, "lines", None)
+    if file and line.isdigit() and lines:
+        return f"{file}:{min(lines.values())}"
+    return source
+
+
+def _check_datasets(value: list, key: str, prov: dict[str, str], bad: set[str],
+                    errors: list[str]) -> list[dict]:
+    """Each entry is ``{path: str, weight: number > 0}``; weight defaults to 1.0."""
+    entries = []
+    source = prov.get(key, "default")
+    for i, entry in enumerate(value):
+        item = f"{key}[{i}]"
+        where = origin(_entry_source(source, entry))
+        if not isinstance(entry, dict):
+            bad.add(key)
+            errors.append(f"{item} = {describe(entry)} ({where}): a dataset entry must be a mapping "
+                          f"{{path: ..., weight: ...}}")
+            continue
+        for name in entry:
+            if name not in DATASET_ENTRY_KEYS:
+                bad.add(key)
+                close = _closest(str(name), list(DATASET_ENTRY_KEYS))
+                hint = f"did you mean '{close}'?" if close else f"allowed keys: {', '.join(DATASET_ENTRY_KEYS)}"
+                errors.append(f"{item}.{name}: unknown key ({where}); {hint}")
+        path, weight = entry.get("path"), entry.get("weight", 1.0)
+        if not isinstance(path, str) or not path:
+            bad.add(key)
+            errors.append(f"{item}.path = {describe(path)} ({where}): every dataset entry needs a path "
+                          f"(a non-empty string)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            bad.add(key)
+            errors.append(f"{item}.weight = {describe(weight)} ({where}): must be a number > 0")
+        else:
+            entries.append({"path": path, "weight": float(weight)})
+    return entries
+
+
+def _check_list_items(value: list, key: str, prov: dict[str, str], bad: set[str], errors: list[str]) -> Any:
+    if key in ("data.train_datasets", "data.eval_datasets", "data.test_datasets"):
+        return _check_datasets(value, key, prov, bad, errors)
+    if key == "data.splits":
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if len(value) != 3 or not numbers or min(value) < 0 or not math.isclose(sum(value), 1.0, abs_tol=1e-6):
+            _field_error(errors, bad, key, value, prov,
+                         "must be 3 non-negative numbers (train, eval, test) that sum to 1")
+            return value
+        return [float(v) for v in value]
+    if key == "utils.profile_ranks":
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            _field_error(errors, bad, key, value, prov, "must be a list of ranks (integers >= 0)")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the typed config
+# ---------------------------------------------------------------------------------------------
+
+def _build(cls: type, values: dict, prefix: str, prov: dict[str, str], bad: set[str], errors: list[str]):
+    hints = field_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        key = f"{prefix}.{f.name}"
+        value = values[f.name]
+        if is_dataclass(f.default_factory):
+            kwargs[f.name] = _build(f.default_factory, value, key, prov, bad, errors)
+            continue
+        if key in bad:  # already reported (e.g. a broken interpolation): keep the default
+            continue
+        ok, value = _check_field(f, hints[f.name], value, key, prov, bad, errors)
+        if ok and isinstance(value, list):
+            value = _check_list_items(value, key, prov, bad, errors)
+        if ok:
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def build_config(merged: dict, prov: dict[str, str], bad: set[str], errors: list[str]) -> Config:
+    """The typed Config from merged plain values; fields with errors keep their defaults."""
+    return Config(**{group: _build(cls, merged[group], group, prov, bad, errors)
+                     for group, cls in GROUPS.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field rules (SPEC §3)
+# ---------------------------------------------------------------------------------------------
+
+def _launcher_env(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
+    """Under torchrun or SLURM the launcher's environment decides rank, local rank and world size."""
+    for key, names in (("world_size", ("WORLD_SIZE", "SLURM_NTASKS")), ("rank", ("RANK", "SLURM_PROCID")),
+                       ("local_rank", ("LOCAL_RANK", "SLURM_LOCALID"))):
+        name = next((n for n in names if os.environ.get(n)), None)
+        if name is None:
+            continue
+        raw = os.environ[name]
+        if not raw.strip().isdigit() or (key == "world_size" and int(raw) < 1):
+            errors.append(f"parallel.{key}: environment variable {name}={raw!r} is not a valid "
+                          f"{'positive ' if key == 'world_size' else ''}integer")
+            continue
+        setattr(cfg.parallel, key, int(raw))
+        prov[f"parallel.{key}"] = f"derived ({name} environment variable)"
+
+
+def _batch_arithmetic(cfg: Config, dp: int, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
+    t = cfg.trainer
+    keys = ("trainer.micro_batch_size", "trainer.train_batch_size", "trainer.gradient_accumulation_steps")
+    if any(k in bad for k in keys):
+        return
+    per_step = t.micro_batch_size * dp
+    product = f"micro_batch_size {t.micro_batch_size} × data-parallel size {dp}"
+    if t.train_batch_size is None:
+        if t.gradient_accumulation_steps is None:
+            t.gradient_accumulation_steps = 1
+            prov[keys[2]] = "derived (1: neither train_batch_size nor gradient_accumulation_steps is set)"
+        t.train_batch_size = per_step * t.gradient_accumulation_steps
+        prov[keys[1]] = "derived (micro_batch_size × gradient_accumulation_steps × data-parallel size)"
+    elif t.gradient_accumulation_steps is None:
+        if t.train_batch_size % per_step:
+            bad.add(keys[1])
+            errors.append(f"{keys[1]} = {t.train_batch_size} ({origin(prov[keys[1]])}): must be a multiple of "
+                          f"{product} = {per_step} to derive gradient_accumulation_steps")
+            return
+        t.gradient_accumulation_steps = t.train_batch_size // per_step
+        prov[keys[2]] = "derived (train_batch_size / (micro_batch_size × data-parallel size))"
+    elif t.train_batch_size != per_step * t.gradient_accumulation_steps:
+        bad.add(keys[1])
+        errors.append(
+            f"{keys[1]} = {t.train_batch_size} ({origin(prov[keys[1]])}) is inconsistent: {product} × "
+            f"gradient_accumulation_steps {t.gradient_accumulation_steps} ({origin(prov[keys[2]])}) = "
+            f"{per_step * t.gradient_accumulation_steps}; omit one of the two to have it derived")
+
+
+def _divides(errors: list[str], bad: set[str], prov: dict[str, str], key: str, value: int,
+             divisor: int, divisor_text: str, why: str = "") -> bool:
+    """Whether ``value`` (the value of ``key``) divides evenly; records an error when not."""
+    if key in bad or value % divisor == 0:
+        return key not in bad
+    bad.add(key)
+    errors.append(f"{key} = {value} ({origin(prov[key])}): must be divisible by {divisor_text} = {divisor}{why}")
+    return False
+
+
+def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
+    """Apply the cross-field rules and fill in derived values (see the module docstring)."""
+    _launcher_env(cfg, prov, errors)
+    t, m, p = cfg.trainer, cfg.model, cfg.parallel
+    tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
+    tp_ok = "trainer.tensor_model_parallel_size" not in bad
+    pp_ok = "trainer.pipeline_model_parallel_size" not in bad
+    if tp_ok and pp_ok:
+        if p.world_size % (tp * pp):
+            bad.add("parallel.world_size")
+            errors.append(
+                f"parallel.world_size = {p.world_size} ({origin(prov['parallel.world_size'])}): must be "
+                f"divisible by tensor_model_parallel_size {tp} ({origin(prov['trainer.tensor_model_parallel_size'])})"
+                f" × pipeline_model_parallel_size {pp} ({origin(prov['trainer.pipeline_model_parallel_size'])})"
+                f" = {tp * pp}")
+        else:
+            _batch_arithmetic(cfg, p.world_size // (tp * pp), prov, bad, errors)
+    if tp_ok:
+        heads_ok = _divides(errors, bad, prov, "model.num_attention_heads", m.num_attention_heads, tp,
+                            "trainer.tensor_model_parallel_size")
+        if m.num_attention_groups is not None and heads_ok:
+            if _divides(errors, bad, prov, "model.num_attention_heads", m.num_attention_heads,
+                        m.num_attention_groups, "model.num_attention_groups"):
+                _divides(errors, bad, prov, "model.num_attention_groups", m.num_attention_groups, tp,
+                         "trainer.tensor_model_parallel_size")
+    if pp_ok:
+        _divides(errors, bad, prov, "model.num_layers", m.num_layers, pp, "trainer.pipeline_model_parallel_size")
+    if m.head_dim is None and "model.head_dim" not in bad:
+        if _divides(errors, bad, prov, "model.d_model", m.d_model, m.num_attention_heads,
+                    "model.num_attention_heads", " to derive model.head_dim (or set head_dim)"):
+            m.head_dim = m.d_model // m.num_attention_heads
+            prov["model.head_dim"] = "derived (d_model / num_attention_heads)"
+    if cfg.data.vocab_size is None and m.tokenizer_type == "gpt2":
+        cfg.data.vocab_size = GPT2_VOCAB_SIZE
+        prov["data.vocab_size"] = "derived (the gpt2 tokenizer's vocabulary)"
+    u = cfg.utils
+    if u.profile_step_end < u.profile_step_start and not {"utils.profile_step_end", "utils.profile_step_start"} & bad:
+        errors.append(f"utils.profile_step_end = {u.profile_step_end} ({origin(prov['utils.profile_step_end'])}): "
+                      f"must be >= utils.profile_step_start = {u.profile_step_start} "
+                      f"({origin(prov['utils.profile_step_start'])})")
+    o = cfg.optim
+    if o.min_lr > o.max_lr and not {"optim.min_lr", "optim.max_lr"} & bad:
+        errors.append(f"optim.min_lr = {o.min_lr} ({origin(prov['optim.min_lr'])}): must be <= "
+                      f"optim.max_lr = {o.max_lr} ({origin(prov['optim.max_lr'])})")
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check a Config built in code exactly as ``load_config`` checks a file, and return a copy with
+    the derived values filled in (head_dim, vocab_size, batch arithmetic). Raises ConfigError."""
+    errors: list[str] = []
+    bad: set[str] = set()
+    prov = {key: "code" for key in leaf_keys(Config)}
+    checked = build_config(asdict(cfg), prov, bad, errors)
+    check_rules(checked, prov, bad, errors)
+    if errors:
+        raise ConfigError(errors)
+    return checked
+
+
+def leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every ``group.key`` (and ``group.sub.key``) under a config dataclass."""
+    keys = []
+    for f in fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        keys += leaf_keys(f.default_factory, name) if is_dataclass(f.default_factory) else [name]
+    return keys

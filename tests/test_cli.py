@@ -1,0 +1,119 @@
+"""The `ironcore` command line: subcommand dispatch, the accepted spellings, and `ironcore config` output."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from ironcore import cli
+from ironcore.config import load_config, to_dict
+
+
+@pytest.fixture(autouse=True)
+def _single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def cfg_file(tmp_path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\ntrainer:\n  micro_batch_size: 2\n  train_batch_size: 8\n")
+    return path
+
+
+@pytest.fixture
+def fake_modules(monkeypatch):
+    """Stand-ins for the lazily imported trainer/evaluator/tools, recording what they were given."""
+    calls: dict[str, object] = {}
+    modules = {
+        "ironcore.training.trainer": types.SimpleNamespace(train=lambda cfg: calls.setdefault("train", cfg)),
+        "ironcore.training.evaluate": types.SimpleNamespace(main=lambda cfg: calls.setdefault("eval", cfg) and 0),
+        "ironcore.data.preprocess": types.SimpleNamespace(main=lambda argv: calls.setdefault("preprocess", argv) and 0),
+        "ironcore.data.stats": types.SimpleNamespace(main=lambda argv: calls.setdefault("data-stats", argv) and 3),
+    }
+    monkeypatch.setattr(cli, "_import_optional", lambda name: modules[name])
+    return calls
+
+
+@pytest.mark.parametrize("form", [
+    ["train", "{cfg}", "trainer.micro_batch_size=4"],
+    ["train", "--config", "{cfg}", "trainer.micro_batch_size=4"],
+    ["{cfg}", "trainer.micro_batch_size=4"],  # train is the default subcommand
+    ["train", "trainer.micro_batch_size=4", "--config", "{cfg}"],
+])
+def test_train_spellings_reach_the_trainer_with_the_resolved_config(fake_modules, cfg_file, form):
+    assert cli.main([a.replace("{cfg}", str(cfg_file)) for a in form]) == 0
+    cfg = fake_modules["train"]
+    assert (cfg.trainer.micro_batch_size, cfg.trainer.gradient_accumulation_steps, cfg.model.d_model) == (4, 2, 128)
+
+
+def test_train_without_trainer_validates_and_says_what_it_would_run(monkeypatch, cfg_file, capsys):
+    monkeypatch.setattr(cli, "_import_optional", lambda name: None)
+    assert cli.main([str(cfg_file)]) == 0
+    out = capsys.readouterr().out
+    assert "config is valid" in out and "batch: 8 = micro 2 × accumulation 4 × data 1" in out
+    assert "nothing was run" in out
+
+
+def test_eval_and_tools_dispatch(fake_modules, cfg_file):
+    assert cli.main(["eval", str(cfg_file), "optim.max_lr=1e-4"]) == 0
+    assert fake_modules["eval"].optim.max_lr == 1e-4
+    assert cli.main(["preprocess", "--input", "x.txt", "--output-prefix", "out/x"]) == 0
+    assert fake_modules["preprocess"] == ["--input", "x.txt", "--output-prefix", "out/x"]
+    assert cli.main(["data-stats", "out/x"]) == 3  # the tool's own exit status is passed through
+    assert fake_modules["data-stats"] == ["out/x"]
+
+
+def test_missing_module_is_a_usage_error(monkeypatch, cfg_file, capsys):
+    monkeypatch.setattr(cli, "_import_optional", lambda name: None)
+    assert cli.main(["eval", str(cfg_file)]) == 2
+    assert cli.main(["data-stats", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation is not available yet" in err and "ironcore.data.stats is not available yet" in err
+
+
+def test_import_optional_only_hides_the_missing_module_itself(tmp_path, monkeypatch):
+    pkg = tmp_path / "clipkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "broken.py").write_text("import a_module_that_does_not_exist_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli._import_optional("clipkg.absent") is None
+    with pytest.raises(ModuleNotFoundError):
+        cli._import_optional("clipkg.broken")  # a broken trainer must show its real error
+    sys.modules.pop("clipkg", None)
+
+
+def test_config_prints_yaml_with_sources_that_reloads(cfg_file, tmp_path, capsys):
+    assert cli.main(["config", str(cfg_file), "model.num_layers=3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Resolved by `ironcore config")
+    lines = out.splitlines()
+    assert any(ln.startswith("  num_layers: 3 ") and ln.endswith("# override") for ln in lines)
+    assert any(ln.startswith("  micro_batch_size: 2 ") and ln.endswith(f"# {cfg_file}:3") for ln in lines)
+    assert any(ln.startswith("  d_model: 128 ") and ln.endswith("configs/model/tiny.yaml:2") for ln in lines)
+    assert any(ln.startswith("  gradient_accumulation_steps: 4 ") and "# derived" in ln for ln in lines)
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(out)
+    assert to_dict(load_config(resolved)) == to_dict(load_config(cfg_file, ["model.num_layers=3"]))
+
+
+def test_help_and_usage(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "ironcore [train] CONFIG" in capsys.readouterr().out
+    assert cli.main([]) == 2
+    assert cli.main(["config"]) == 2
+    assert "a CONFIG file is required" in capsys.readouterr().err
+    assert cli.main(["config", "--help"]) == 0
+
+
+def test_only_rank_zero_prints_config_errors(monkeypatch, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  ln_type: batchnorm\n")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main([str(bad)]) == 2
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,184 @@
+"""User mistakes: each bad input exits with status 2 and a message naming the key or file, no traceback.
+
+Most cases call `ironcore.cli.main` in-process (fast); three run the real `python -m ironcore` to prove
+the exit status and the absence of a traceback end to end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ironcore import cli
+
+# (case id, config file text, overrides, extra files {name: text}, env, expected message fragments).
+# "{cfg}" in a fragment stands for the config file's path.
+CASES = [
+    ("malformed-yaml", "trainer:\n  micro_batch_size: [1, 2\n", [], {}, {},
+     ["{cfg}:3: malformed YAML"]),
+    ("top-level-list", "- trainer\n- model\n", [], {}, {},
+     ["{cfg}: the top level must be a mapping of groups"]),
+    ("unknown-group", "optimizer:\n  max_lr: 1.0e-3\n", [], {}, {},
+     ["unknown group 'optimizer' (set at {cfg}:1); did you mean 'optim'?"]),
+    ("unknown-key", "trainer:\n  micro_bach_size: 4\n", [], {}, {},
+     ["trainer.micro_bach_size: unknown key (set at {cfg}:2); did you mean 'micro_batch_size'?"]),
+    ("key-in-wrong-group", "trainer:\n  max_lr: 1.0e-3\n", [], {}, {},
+     ["trainer.max_lr: unknown key (set at {cfg}:2); did you mean 'optim.max_lr'?"]),
+    ("string-for-int", "model:\n  num_layers: two\n", [], {}, {},
+     ["model.num_layers = 'two' (set at {cfg}:2): expected an integer, got a string"]),
+    ("bool-for-int", "trainer:\n  micro_batch_size: true\n", [], {}, {},
+     ["trainer.micro_batch_size = true (set at {cfg}:2): expected an integer, got true/false"]),
+    ("float-for-int", "model:\n  d_model: 512.5\n", [], {}, {},
+     ["model.d_model = 512.5 (set at {cfg}:2): expected an integer, got a number"]),
+    ("string-for-bool", "trainer:\n  do_eval: sometimes\n", [], {}, {},
+     ["trainer.do_eval = 'sometimes' (set at {cfg}:2): expected true or false, got a string"]),
+    ("int-for-bool", "operation:\n  no_save: 1\n", [], {}, {},
+     ["operation.no_save = 1 (set at {cfg}:2): expected true or false, got an integer"]),
+    ("string-for-float", "", ["optim.max_lr=fast"], {}, {},
+     ["optim.max_lr = 'fast' (set by a command-line override): expected a number, got a string"]),
+    ("bad-ln-type", "model:\n  ln_type: batchnorm\n", [], {}, {},
+     ["model.ln_type = 'batchnorm' (set at {cfg}:2): must be one of 'layernorm', 'rmsnorm'"]),
+    ("bad-positional-type", "", ["model.positional_embedding.type=alibi"], {}, {},
+     ["model.positional_embedding.type = 'alibi' (set by a command-line override): "
+      "must be one of 'absolute', 'rope', 'none'"]),
+    ("bad-precision", "model:\n  precision: bf16\n", [], {}, {},
+     ["model.precision = 'bf16' (set at {cfg}:2): must be one of 'bfloat16', 'float16', 'float32'"]),
+    ("bad-fsdp-strategy", "parallel:\n  fsdp_sharding_strategy: zero3\n", [], {}, {},
+     ["parallel.fsdp_sharding_strategy = 'zero3' (set at {cfg}:2): must be one of 'full', 'hybrid', 'no_shard'"]),
+    ("bad-log-cadence", "trainer:\n  grad_norm_log_interval: always\n", [], {}, {},
+     ["trainer.grad_norm_log_interval = 'always' (set at {cfg}:2): must be one of 'log', 'checkpoint' or null"]),
+    ("bad-log-level", "utils:\n  log_level: verbose\n", [], {}, {},
+     ["utils.log_level = 'verbose' (set at {cfg}:2): must be one of 'DEBUG', 'INFO'"]),
+    ("micro-batch-zero", "trainer:\n  micro_batch_size: 0\n", [], {}, {},
+     ["trainer.micro_batch_size = 0 (set at {cfg}:2): must be >= 1"]),
+    ("dropout-above-one", "model:\n  dropout_attn: 1.5\n", [], {}, {},
+     ["model.dropout_attn = 1.5 (set at {cfg}:2): must be >= 0 and <= 1"]),
+    ("beta2-one", "optim:\n  adam_beta2: 1\n", [], {}, {},
+     ["optim.adam_beta2 = 1.0 (set at {cfg}:2): must be >= 0 and < 1"]),
+    ("missing-model-preset", "model: gpt2-smal\n", [], {}, {},
+     ["model: preset file 'gpt2-smal' not found (set at {cfg}:1)", "did you mean 'gpt2-small'?"]),
+    ("missing-data-file", "data:\n  config_path: nowhere/data.yaml\n", [], {}, {},
+     ["data: preset file 'nowhere/data.yaml' not found (set at {cfg}:2)"]),
+    ("preset-not-a-mapping", "model: mine\n", [], {"mine.yaml": "- 1\n- 2\n"}, {},
+     ["mine.yaml: a model preset must be a mapping of model keys"]),
+    ("circular-interpolation", "trainer:\n  model_name: ${trainer.model_path}\n  model_path: ${trainer.model_name}\n",
+     [], {}, {}, ["circular interpolation trainer.model_name -> trainer.model_path -> trainer.model_name"]),
+    ("unknown-interpolation", "trainer:\n  model_name: ${model.d_modle}\n", [], {}, {},
+     ["trainer.model_name = '${model.d_modle}' (set at {cfg}:2): interpolation ${model.d_modle} names no config key",
+      "did you mean 'model.d_model'?"]),
+    ("interpolate-group", "trainer:\n  model_name: ${model}\n", [], {}, {},
+     ["${model} names a whole group"]),
+    ("inconsistent-batch",
+     "trainer:\n  micro_batch_size: 4\n  train_batch_size: 30\n  gradient_accumulation_steps: 4\n", [], {}, {},
+     ["trainer.train_batch_size = 30 (set at {cfg}:3) is inconsistent: micro_batch_size 4 × "
+      "data-parallel size 1 × gradient_accumulation_steps 4 (set at {cfg}:4) = 16"]),
+    ("batch-not-divisible", "trainer:\n  micro_batch_size: 4\n  train_batch_size: 30\n", [], {}, {"WORLD_SIZE": "2"},
+     ["trainer.train_batch_size = 30 (set at {cfg}:3): must be a multiple of micro_batch_size 4 × "
+      "data-parallel size 2 = 8"]),
+    ("tp-not-dividing-heads",
+     "model:\n  num_attention_heads: 12\n  d_model: 768\ntrainer:\n  tensor_model_parallel_size: 5\n", [], {},
+     {"WORLD_SIZE": "10"},
+     ["model.num_attention_heads = 12 (set at {cfg}:2): must be divisible by trainer.tensor_model_parallel_size = 5"]),
+    ("world-not-divisible", "trainer:\n  tensor_model_parallel_size: 4\n", [], {}, {"WORLD_SIZE": "6"},
+     ["parallel.world_size = 6 (derived (WORLD_SIZE environment variable)): must be divisible by "
+      "tensor_model_parallel_size 4 (set at {cfg}:2) × pipeline_model_parallel_size 1 (default) = 4"]),
+    ("gqa-not-dividing-heads", "model:\n  num_attention_heads: 8\n  num_attention_groups: 3\n", [], {}, {},
+     ["model.num_attention_heads = 8 (set at {cfg}:2): must be divisible by model.num_attention_groups = 3"]),
+    ("gqa-not-divisible-by-tp", "model:\n  num_attention_groups: 2\ntrainer:\n  tensor_model_parallel_size: 4\n",
+     [], {}, {"WORLD_SIZE": "4"},
+     ["model.num_attention_groups = 2 (set at {cfg}:2): must be divisible by trainer.tensor_model_parallel_size = 4"]),
+    ("layers-not-divisible-by-pp", "model:\n  num_layers: 5\ntrainer:\n  pipeline_model_parallel_size: 2\n",
+     [], {}, {"WORLD_SIZE": "2"},
+     ["model.num_layers = 5 (set at {cfg}:2): must be divisible by trainer.pipeline_model_parallel_size = 2"]),
+    ("head-dim-not-derivable", "model:\n  d_model: 100\n", [], {}, {},
+     ["model.d_model = 100 (set at {cfg}:2): must be divisible by model.num_attention_heads"]),
+    ("splits-sum", "data:\n  splits: [0.9, 0.2, 0.0]\n", [], {}, {},
+     ["data.splits = [0.9, 0.2, 0.0] (set at {cfg}:2): must be 3 non-negative numbers"]),
+    ("splits-length", "", ["data.splits=[0.5,0.5]"], {}, {},
+     ["data.splits = [0.5, 0.5] (set by a command-line override): must be 3 non-negative numbers"]),
+    ("profile-window", "utils:\n  profile_step_start: 20\n  profile_step_end: 10\n", [], {}, {},
+     ["utils.profile_step_end = 10 (set at {cfg}:3): must be >= utils.profile_step_start = 20 (set at {cfg}:2)"]),
+    ("min-lr-above-max", "optim:\n  max_lr: 1.0e-4\n  min_lr: 1.0e-3\n", [], {}, {},
+     ["optim.min_lr = 0.001 (set at {cfg}:3): must be <= optim.max_lr = 0.0001 (set at {cfg}:2)"]),
+    ("dataset-unknown-key", "data:\n  train_datasets:\n    - paht: x\n", [], {}, {},
+     ["data.train_datasets[0].paht: unknown key (set at {cfg}:3); did you mean 'path'?",
+      "data.train_datasets[0].path = null (set at {cfg}:3): every dataset entry needs a path"]),
+    ("dataset-bad-weight", "data:\n  eval_datasets:\n    - {path: a, weight: 0}\n", [], {}, {},
+     ["data.eval_datasets[0].weight = 0 (set at {cfg}:3): must be a number > 0"]),
+    ("dataset-not-mapping", "data:\n  test_datasets: [just/a/path]\n", [], {}, {},
+     ["data.test_datasets[0] = 'just/a/path' (set at {cfg}:2): a dataset entry must be a mapping"]),
+    ("override-without-equals", "", ["trainer.micro_batch_size"], {}, {},
+     ["override 'trainer.micro_batch_size': expected group.key=value or group=preset"]),
+    ("override-unknown-group", "", ["optimizer.max_lr=1"], {}, {},
+     ["override 'optimizer.max_lr=1': unknown group 'optimizer'; did you mean 'optim'?"]),
+    ("override-bad-yaml", "", ["data.splits=[0.5,"], {}, {},
+     ["override 'data.splits=[0.5,': the value is not valid YAML"]),
+    ("override-group-not-name", "", ["model=3"], {}, {},
+     ["override 'model=3': model=... names a preset file, got 3"]),
+    ("group-is-number", "model: 5\n", [], {}, {},
+     ["model = 5 (set at {cfg}:1): a group must be a mapping of its keys or the name of a preset file"]),
+    ("nested-not-mapping", "model:\n  positional_embedding: rope\n", [], {}, {},
+     ["model.positional_embedding = 'rope' (set at {cfg}:2): must be a mapping with keys type, base"]),
+    ("duplicate-key", "trainer:\n  micro_batch_size: 2\n  micro_batch_size: 4\n", [], {}, {},
+     ["trainer.micro_batch_size ({cfg}:3): key written twice in the same mapping"]),
+    ("bad-world-size-env", "", [], {}, {"WORLD_SIZE": "two"},
+     ["parallel.world_size: environment variable WORLD_SIZE='two' is not a valid positive integer"]),
+    ("missing-config-file", None, [], {}, {}, ["{cfg}: config file not found"]),
+]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _setup(tmp_path: Path, text, files) -> Path:
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    cfg = tmp_path / "run.yaml"
+    if text is not None:
+        cfg.write_text(text)
+    return cfg
+
+
+def test_there_are_at_least_30_distinct_cases():
+    assert len({case[0] for case in CASES}) == len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name,text,overrides,files,env,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_naming_the_key(tmp_path, capsys, monkeypatch, name, text, overrides, files, env, expected):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = _setup(tmp_path, text, files)
+    status = cli.main(["config", str(cfg), *overrides])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == "" and "Traceback" not in err
+    for fragment in expected:
+        assert fragment.replace("{cfg}", str(cfg)) in err, err
+
+
+def test_all_errors_reported_at_once(tmp_path, capsys):
+    cfg = _setup(tmp_path, "model:\n  ln_type: batchnorm\n  num_layers: two\ntrainer:\n  micro_bach_size: 4\n", {})
+    assert cli.main([str(cfg), "optim.max_lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ironcore train: 4 configuration errors:")
+    assert all(k in err for k in ("model.ln_type", "model.num_layers", "trainer.micro_bach_size", "optim.max_lr"))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["config", "{dir}/run.yaml", "model.ln_type=batchnorm"], "must be one of 'layernorm', 'rmsnorm'"),
+    (["train", "--config", "{dir}/run.yaml", "trainer.micro_bach_size=2"], "did you mean 'micro_batch_size'?"),
+    (["{dir}/missing.yaml"], "missing.yaml: config file not found"),
+])
+def test_real_process_exit_status_2_without_traceback(tmp_path, argv, expected):
+    (tmp_path / "run.yaml").write_text("model: tiny\n")
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "ironcore", *argv], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
