@@ -1,0 +1,177 @@
+"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+
+Ranks are laid out TP-innermost, as Megatron does, so a TP group is a run of consecutive ranks
+(usually one node's GPUs, where the bandwidth is)::
+
+    rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank
+
+Example, 8 ranks with TP=2, PP=2 (so DP=2): TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2]
+[1,3] [4,6] [5,7]; PP groups [0,4] [1,5] [2,6] [3,7].
+
+A group of size one is stored as ``None`` (callers test ``group is not None`` before a collective:
+to torch.distributed ``None`` would mean the WORLD group). Every function in ``parallel/`` skips
+communication for ``None``, so a plain ``ParallelState()`` describes a single process and is enough
+to build and run a model without ``torch.distributed`` (tests, conversion tools, generation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+ProcessGroup = Optional[dist.ProcessGroup]
+
+
+@dataclass
+class ParallelState:
+    """Where this process sits in the TP × DP × PP grid, and the groups it talks to."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: ProcessGroup = None
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: ProcessGroup = None
+    dp_size: int = 1
+    dp_rank: int = 0
+    dp_group: ProcessGroup = None
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+_STATE: Optional[ParallelState] = None
+_OWNS_PROCESS_GROUP = False
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[003-005,010],gpu020`` -> ``gpu003``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's env, else SLURM's, else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                int(os.environ.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1")))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
+                int(os.environ.get("SLURM_LOCALID", 0)))
+    return 0, 1, 0
+
+
+def _pick_backend(requested: str, local_rank: int) -> tuple[str, torch.device]:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return requested, device
+    if requested == "nccl":
+        logger.info("parallel.dist_backend=nccl but no CUDA device is available: using gloo on CPU")
+    return "gloo", torch.device("cpu")
+
+
+def _new_groups(rank: int, group_ranks: list[list[int]], backend: str) -> ProcessGroup:
+    """Create every group of one kind (all ranks must call new_group for all of them, in order);
+    return the one holding `rank`, or None when groups have a single member."""
+    if len(group_ranks[0]) == 1:
+        return None
+    mine = None
+    for ranks in group_ranks:
+        group = dist.new_group(ranks, backend=backend)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def build_parallel_state(rank: int, world_size: int, local_rank: int, tp_size: int, pp_size: int,
+                         device: torch.device, backend: str) -> ParallelState:
+    """Lay ranks out TP-innermost and create the TP, DP and PP groups (see the module docstring)."""
+    if world_size % (tp_size * pp_size) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by trainer.tensor_model_parallel_size ({tp_size}) × "
+            f"trainer.pipeline_model_parallel_size ({pp_size})")
+    dp_size = world_size // (tp_size * pp_size)
+
+    def grid(pp: int, dp: int, tp: int) -> int:
+        return pp * dp_size * tp_size + dp * tp_size + tp
+
+    tp_ranks = [[grid(p, d, t) for t in range(tp_size)] for p in range(pp_size) for d in range(dp_size)]
+    dp_ranks = [[grid(p, d, t) for d in range(dp_size)] for p in range(pp_size) for t in range(tp_size)]
+    pp_ranks = [[grid(p, d, t) for p in range(pp_size)] for d in range(dp_size) for t in range(tp_size)]
+    return ParallelState(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
+        tp_size=tp_size, tp_rank=rank % tp_size, tp_group=_new_groups(rank, tp_ranks, backend),
+        pp_size=pp_size, pp_rank=rank // (dp_size * tp_size), pp_group=_new_groups(rank, pp_ranks, backend),
+        dp_size=dp_size, dp_rank=(rank // tp_size) % dp_size, dp_group=_new_groups(rank, dp_ranks, backend),
+    )
+
+
+def init_distributed(cfg) -> ParallelState:
+    """Initialise torch.distributed from the launcher's environment and build the process groups.
+
+    torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or SLURM (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID, master = first host of SLURM_NODELIST) decide; without either this is a single
+    process (world size 1, served by an in-memory store). ``cfg.parallel.rank/local_rank/world_size``
+    are filled in from what was found. Reuses a process group that is already initialised.
+    """
+    global _STATE, _OWNS_PROCESS_GROUP
+    rank, world_size, local_rank = _launch_env()
+    backend, device = _pick_backend(cfg.parallel.dist_backend, local_rank)
+    if not dist.is_initialized():
+        timeout = timedelta(minutes=cfg.parallel.timeout_minute)
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        _OWNS_PROCESS_GROUP = True
+    else:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    cfg.parallel.rank, cfg.parallel.world_size, cfg.parallel.local_rank = rank, world_size, local_rank
+    _STATE = build_parallel_state(rank, world_size, local_rank, cfg.trainer.tensor_model_parallel_size,
+                                  cfg.trainer.pipeline_model_parallel_size, device, backend)
+    if rank == 0:
+        logger.info("torch.distributed: backend %s, world size %d (TP %d × PP %d × DP %d), device %s",
+                    backend, world_size, _STATE.tp_size, _STATE.pp_size, _STATE.dp_size, device.type)
+    return _STATE
+
+
+def get_parallel_state() -> ParallelState:
+    """The state built by `init_distributed` (raises if it was not called)."""
+    if _STATE is None:
+        raise RuntimeError("parallel state is not initialised: call ironcore.parallel.state.init_distributed(cfg) first")
+    return _STATE
+
+
+def destroy_distributed() -> None:
+    """Forget the parallel state and destroy the process group if `init_distributed` created it."""
+    global _STATE, _OWNS_PROCESS_GROUP
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE, _OWNS_PROCESS_GROUP = None, False
