@@ -75,9 +75,13 @@ class Attention(nn.Module):
                                         sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
         """`rotary`: (cos, sin) ``[b, s, head_dim]`` or None; `attn_mask`: boolean ``[b, 1, s, s]``
-        (see `segment_causal_mask`) or None for plain causal attention."""
+        (see `segment_causal_mask`) or None for plain causal attention.
+
+        `kv_cache` (generation; ``ironcore.inference.kv_cache.LayerKVCache``): the new keys/values
+        are appended to it (``update(k, v)`` returns all cached ones) and the queries attend over
+        everything cached; `attn_mask` is then ``[b, 1, s, cached + s]``."""
         x = enter_tensor_parallel_region(x, self.group, self.sequence_parallel)
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.local_heads, self.head_dim).transpose(1, 2)
@@ -85,6 +89,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.local_groups, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # keys are cached after RoPE, rotated at their own positions
         dropout = self.dropout if self.training else 0.0
         # Each rank holds different heads: their dropout masks must differ (TP-rank RNG stream).
         with get_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext():

@@ -1,0 +1,303 @@
+"""Distributed checkpoints (``operation.save_dist_ckpt``) that load into another TP / DP / PP layout.
+
+Model weights and optimizer state are written with PyTorch's own ``torch.distributed.checkpoint``
+(DCP): every rank writes its shards in parallel into ``dist/`` and DCP's ``.metadata`` records where
+each piece of each *global* tensor lives, so a run with another layout reads exactly the pieces it
+needs.
+
+What is saved is the layout-free, global view of every tensor:
+
+* a tensor-parallel parameter (``tensor_model_parallel=True``, split along ``partition_dim``) is
+  saved as the full tensor it is a shard of: each TP rank contributes its chunk at its offset
+  (a ``ShardedTensor`` over the TP group, built from local shards without any communication);
+* a vocabulary-parallel parameter (``vocab_parallel=True``: embedding and output head, padded to a
+  multiple of ``vocab_padding_unit × TP``, which depends on TP) is saved as its **real** rows only,
+  ``[vocab_size, ...]``; the padding rows are never stored, and a loading layout keeps its own
+  padding rows as built (they never receive probability mass);
+* a replicated tensor (norms, row-parallel biases, Adam's ``step``) is saved once (DCP removes the
+  duplicates of the other TP/DP ranks).
+
+Adam's ``exp_avg``/``exp_avg_sq`` have the shape of their parameter and are saved the same way, so
+the optimizer state follows the weights into the new layout. The optimizer's param-group settings
+(lr, betas, ...) are not tensors; they are kept beside the shards in ``stage_ppNN.pt`` (one per
+pipeline stage) and read back with ``torch.load(weights_only=True)``, not through DCP's pickle path.
+
+Names are layout-free too: layer indices are global (``layer_offset`` of a pipeline stage) and the
+last stage's copy of a tied embedding is saved under the embedding's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ironcore.model.gpt import padded_vocab_size
+
+_STAGE_FILE = "stage_pp{:02d}.pt"  # per pipeline stage: optimizer param groups, vocab-parallel names
+_TIED_EMBEDDING = "embedding.word_embeddings.weight"
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------------------------
+# Local shards <-> global tensors
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """Silence two notices DCP repeats on every call, neither of which asks anything of us.
+
+    * ShardedTensor's deprecation: it is used on purpose, as vocabulary shards cut at the real
+      vocabulary are uneven chunks at arbitrary offsets, which DTensor's even (chunk-style)
+      sharding cannot describe, and DCP reads and writes ShardedTensors natively;
+    * "assuming the intent is to load in a single process": said even when asked for
+      (``no_dist=True`` in `to_single_file`).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        yield
+
+
+def global_namer(model: torch.nn.Module) -> Callable[[str], str]:
+    """Maps a local parameter/state name to its layout-free name: layer indices made global
+    (``layer_offset`` of this pipeline stage), and the last stage's copy of a tied embedding
+    named as the embedding."""
+    shared = {n for n, p in _params(model).items() if getattr(p, "shared_embedding", False)}
+    offset = getattr(model, "layer_offset", 0)
+
+    def global_name(name: str) -> str:
+        if name in shared:
+            return _TIED_EMBEDDING
+        return _LAYER.sub(lambda m: f"layers.{int(m.group(1)) + offset}.", name)
+
+    return global_name
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters by every name they have (tied weights have two)."""
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    vocab = getattr(model, "vocab_size", None)
+    if not isinstance(vocab, int):
+        raise TypeError(f"{type(model).__name__} has no integer `vocab_size` attribute (the real, unpadded "
+                        "vocabulary): distributed checkpoints need it to drop the TP-dependent padding rows")
+    return vocab
+
+
+def _to_global(local: torch.Tensor, param: torch.nn.Parameter, pstate, vocab_size: Optional[int]):
+    """Wrap this TP rank's shard as its part of the global tensor (no copy, no communication).
+
+    TP ranks are consecutive global ranks (TP-innermost layout), so TP rank ``r`` of this group is
+    global rank ``rank - tp_rank + r``; every rank of the group describes all chunks identically.
+    For vocabulary tensors the global tensor ends at the real vocabulary: padding rows are cut off.
+    """
+    vocab = getattr(param, "vocab_parallel", False)
+    if not getattr(param, "tensor_model_parallel", False) or (pstate.tp_size == 1 and not vocab):
+        return local
+    dim = param.partition_dim
+    per_rank = local.shape[dim]
+    extent = vocab_size if vocab else per_rank * pstate.tp_size
+    chunks, mine = [], []
+    for r in range(pstate.tp_size):
+        start = r * per_rank
+        length = min(per_rank, extent - start)
+        if length <= 0:
+            continue  # this rank holds padding rows only
+        offsets, sizes = [0] * local.dim(), list(local.shape)
+        offsets[dim], sizes[dim] = start, length
+        chunk = ShardMetadata(offsets, sizes, f"rank:{pstate.rank - pstate.tp_rank + r}/{local.device}")
+        chunks.append(chunk)
+        if r == pstate.tp_rank:
+            mine.append(Shard(local.narrow(dim, 0, length), chunk))
+    size = list(local.shape)
+    size[dim] = extent
+    metadata = ShardedTensorMetadata(chunks, torch.Size(size), TensorProperties(dtype=local.dtype, layout=local.layout))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(mine, metadata)
+
+
+def _globalize(model: torch.nn.Module, model_sd: dict, optim_sd: Optional[dict], pstate) -> dict:
+    """The DCP state dict: every model and optimizer tensor under its global name, TP-split ones as
+    views of their global tensor. Optimizer tensors shaped like their parameter (Adam's moments)
+    are split like it; others (``step``) are replicated."""
+    if pstate.pp_size > 1 and not isinstance(getattr(model, "layer_offset", None), int):
+        raise TypeError(f"{type(model).__name__} has no integer `layer_offset`: with pipeline parallelism a "
+                        "distributed checkpoint needs one model per rank that knows its first global layer "
+                        "(virtual pipeline chunks are not supported yet)")
+    params = _params(model)
+    vocab_size = _vocab_size(model) if any(getattr(p, "vocab_parallel", False) for p in params.values()) else None
+
+    def globalize(name: str, value: torch.Tensor):
+        param = params.get(name)
+        if param is None or value.shape != param.shape:
+            return value
+        return _to_global(value, param, pstate, vocab_size)
+
+    global_name = global_namer(model)
+    state = {"model": {global_name(k): globalize(k, v) for k, v in model_sd.items()}}
+    if optim_sd is not None:
+        state["optim"] = {}
+        for name, per_param in optim_sd["state"].items():
+            for key, value in per_param.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"optimizer state {name}.{key} is a {type(value).__name__}: distributed "
+                                    "checkpoints store tensor state only")
+            state["optim"][global_name(name)] = {k: globalize(name, v) for k, v in per_param.items()}
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Save and load (collective: every rank calls them)
+
+
+def save(directory: Path, pstate, model: torch.nn.Module, optimizer) -> list[Path]:
+    """Write model (and optimizer) shards into ``directory``; return the files this rank wrote."""
+    directory = Path(directory)
+    model_sd = get_model_state_dict(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    with _quiet_dcp():
+        dcp.save(_globalize(model, model_sd, optim_sd, pstate), storage_writer=dcp.FileSystemWriter(directory))
+    written = sorted(directory.glob(f"__{pstate.rank}_*"))
+    if pstate.tp_rank == 0 and pstate.dp_rank == 0:
+        global_name = global_namer(model)
+        groups = None
+        if optim_sd is not None:
+            groups = [{**g, "params": [global_name(n) for n in g["params"]]} for g in optim_sd["param_groups"]]
+        stage = {"param_groups": groups,
+                 "vocab_size": getattr(model, "vocab_size", None),
+                 "vocab_parallel": sorted({global_name(n) for n, p in _params(model).items()
+                                           if getattr(p, "vocab_parallel", False)})}
+        written.append(directory / _STAGE_FILE.format(pstate.pp_rank))
+        torch.save(stage, written[-1])
+    if pstate.rank == 0:
+        written.append(directory / ".metadata")  # DCP's coordinator (rank 0) wrote it
+    return written
+
+
+def load(directory: Path, pstate, model: torch.nn.Module, optimizer) -> None:
+    """Load the pieces this layout needs from ``directory`` into ``model`` (and ``optimizer``).
+
+    ``optimizer`` None loads the weights only. A fresh optimizer is first given zero state of the
+    right shapes (``get_optimizer_state_dict`` does that), which DCP then fills in place; its
+    param-group settings (lr, betas, ...) come from the first stage's file, as they are the same
+    at every stage.
+    """
+    directory = Path(directory)
+    model_sd = get_model_state_dict(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    # DCP copies into the tensors (the local shards) of this dict in place: model_sd and optim_sd
+    # hold the same tensors and are filled by this call.
+    with _quiet_dcp():
+        dcp.load(_globalize(model, model_sd, optim_sd, pstate), storage_reader=dcp.FileSystemReader(directory))
+    set_model_state_dict(model, model_sd)
+    if optim_sd is not None:
+        first_stage = directory / _STAGE_FILE.format(0)
+        saved_groups = torch.load(first_stage, weights_only=True)["param_groups"]
+        if saved_groups is None or len(saved_groups) != len(optim_sd["param_groups"]):
+            raise ValueError(f"{first_stage} holds {len(saved_groups or [])} optimizer param groups, this "
+                             f"optimizer has {len(optim_sd['param_groups'])}: load the weights only with "
+                             "optim.load_checkpoint_optim_state=false")
+        for mine, saved in zip(optim_sd["param_groups"], saved_groups):
+            mine.update({k: v for k, v in saved.items() if k != "params"})
+        set_optimizer_state_dict(model, optimizer, optim_sd)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion to the single-file format
+
+
+def to_single_file(dist_dir: str | Path, out_dir: str | Path) -> Path:
+    """Turn a distributed checkpoint folder into a single-file one for TP=1, PP=1; return it.
+
+    ``dist_dir`` is a checkpoint folder saved with ``operation.save_dist_ckpt`` (``iter_NNNNNNN``);
+    ``out_dir`` is a model_path that receives ``iter_NNNNNNN/`` in the single-file format and a
+    ``latest`` pointer, loadable with ``load_checkpoint`` by a TP=1 run (or
+    ``tools/convert_checkpoint.py``). Vocabulary tensors are padded to TP=1's padded size with zero
+    rows. RNG states are not carried over (they belong to the ranks of the old layout). Runs in one
+    process without ``torch.distributed``.
+    """
+    # io builds on this module, so it is imported here rather than at the top.
+    from ironcore.checkpoint import io as ckpt_io
+
+    folder = Path(dist_dir)
+    common, config = _verified_source(folder, ckpt_io)
+    source = folder / ckpt_io.DIST_DIR
+    stages = [torch.load(path, weights_only=True) for path in sorted(source.glob("stage_pp*.pt"))]
+    tensors = _read_all_tensors(source)
+
+    vocab = {name for stage in stages for name in stage["vocab_parallel"]}
+    vocab_size = stages[0]["vocab_size"]
+    if vocab:
+        pad_to = padded_vocab_size(vocab_size, config["trainer"]["vocab_padding_unit"], tp_size=1)
+
+    def padded(name: str, value: torch.Tensor) -> torch.Tensor:
+        if name not in vocab or value.dim() == 0:
+            return value
+        return torch.cat([value, value.new_zeros((pad_to - value.shape[0], *value.shape[1:]))])
+
+    contents: dict[str, object] = {ckpt_io.model_file(0, 0): {
+        k.removeprefix("model."): padded(k.removeprefix("model."), v) for k, v in tensors.items()
+        if k.startswith("model.")}}
+    if stages[0]["param_groups"] is not None:
+        state: dict[str, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                name, field = key.removeprefix("optim.").rsplit(".", 1)
+                state.setdefault(name, {})[field] = padded(name, value)
+        # Each stage lists its own parameters per group; one model holds them all (a tied
+        # embedding appears in the first and the last stage: listed once).
+        groups = [{**group, "params": list(dict.fromkeys(
+            name for stage in stages for name in stage["param_groups"][i]["params"]))}
+            for i, group in enumerate(stages[0]["param_groups"])]
+        contents[ckpt_io.optim_file(0, 0)] = {"state": state, "param_groups": groups}
+
+    common["layout"] = {"tp_size": 1, "pp_size": 1, "dp_size": 1, "world_size": 1, "format": "single"}
+    config["trainer"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    config["operation"]["save_dist_ckpt"] = False
+    # Keys that only make sense with the old layout's TP/PP sizes go back to their defaults.
+    single_layout = {"world_size": 1, "sequence_parallel": False, "pipeline_layer_split": None,
+                     "virtual_pipeline_stages": 1}
+    config["parallel"].update({k: v for k, v in single_layout.items() if k in config["parallel"]})
+    contents[ckpt_io.COMMON_FILE] = common
+    contents[ckpt_io.CONFIG_FILE] = yaml.safe_dump(config, sort_keys=False).encode()
+    return ckpt_io.write_checkpoint(out_dir, common["iteration"], contents)
+
+
+def _verified_source(folder: Path, ckpt_io) -> tuple[dict, dict]:
+    """(common, config) of a distributed checkpoint folder after checking all its files."""
+    manifest = ckpt_io.read_manifest(folder)
+    problem = ckpt_io.verify_files(folder, manifest, sorted(manifest["files"]))
+    if problem:
+        raise ckpt_io.CheckpointError(problem)
+    common = torch.load(folder / ckpt_io.COMMON_FILE, weights_only=True)
+    if common["layout"]["format"] != "dist":
+        raise ValueError(f"{folder} is a single-file checkpoint already (saved without operation.save_dist_ckpt)")
+    return common, yaml.safe_load((folder / ckpt_io.CONFIG_FILE).read_text())
+
+
+def _read_all_tensors(source: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP folder, whole, keyed by its flattened name (``model.<fqn>``, ...)."""
+    reader = dcp.FileSystemReader(source)
+    tensors = {key: torch.empty(md.size, dtype=md.properties.dtype)
+               for key, md in reader.read_metadata().state_dict_metadata.items()
+               if isinstance(md, dcp.TensorStorageMetadata)}
+    with _quiet_dcp():
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors

@@ -1,0 +1,583 @@
+"""Save and resume a full training checkpoint, atomically and verifiably.
+
+Layout of one checkpoint (``trainer.model_path``)::
+
+    latest                       text: the iteration of the newest complete checkpoint
+    iter_0001000/
+      manifest.json              size and sha256 of every other file (written last, by rank 0)
+      config.yaml                the resolved config (``ironcore.config.to_dict``)
+      common.pt                  iteration, LR scheduler, loss scaler, data position, model-shape keys
+      model_tp00_pp00.pt         model weights of one (TP, PP) shard, written by its DP rank 0
+      optim_tp00_pp00.pt         optimizer state of that shard (keyed by parameter name)
+      rng_rank00000.pt           every RNG of one global rank (python, numpy, torch, CUDA, TP tracker)
+      dist/                      instead of model_*/optim_* when ``operation.save_dist_ckpt``:
+                                 ``torch.distributed.checkpoint`` shards that reshard on load
+
+Crash safety: every rank writes into ``iter_0001000.tmp-<nonce>/`` and fsyncs its files; after a
+barrier rank 0 writes the manifest, renames the folder to its final name, fsyncs the parent, and
+only then replaces ``latest`` (temp file + ``os.replace``). A process killed at any point leaves
+``latest`` naming the previous complete checkpoint; ``.tmp-*`` folders are never loaded and are
+removed by the next successful save.
+
+Everything is read back with ``torch.load(weights_only=True)``: RNG states are stored as tensors
+and plain lists for that reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ironcore.checkpoint import distributed
+from ironcore.config import to_dict
+from ironcore.parallel.random import get_rng_tracker
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+COMMON_FILE = "common.pt"
+DIST_DIR = "dist"
+FORMAT_VERSION = 1
+
+# Config keys that change the parameters' names or shapes: a checkpoint saved with other values
+# cannot be loaded into this model. (max_seq_len only matters for a learned position table.)
+MODEL_SHAPE_KEYS = (
+    "model.d_model", "model.d_ffn", "model.num_layers", "model.num_attention_heads",
+    "model.num_attention_groups", "model.head_dim", "model.activation_type", "model.ln_type",
+    "model.no_bias", "model.untie_embed", "model.positional_embedding.type", "data.vocab_size",
+)
+
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: corrupted, incomplete or for another model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Names and folders
+
+
+def checkpoint_dir(model_path: str | Path, iteration: int) -> Path:
+    return Path(model_path) / f"iter_{iteration:07d}"
+
+
+def model_file(tp_rank: int, pp_rank: int) -> str:
+    return f"model_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
+
+
+def optim_file(tp_rank: int, pp_rank: int) -> str:
+    return f"optim_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def read_latest(model_path: str | Path) -> Optional[int]:
+    """The iteration the ``latest`` pointer names, or None when there is none."""
+    path = Path(model_path) / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} should hold an iteration number, found {text!r}")
+    return int(text)
+
+
+def complete_checkpoints(model_path: str | Path) -> list[int]:
+    """Iterations of the finished checkpoint folders (renamed, with a manifest), oldest first."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _ITER_DIR.match(child.name)
+        if match and (child / MANIFEST).is_file():
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------------------------
+# Small distributed helpers (all no-ops in a single process)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _is_distributed():
+        dist.barrier()
+
+
+def _broadcast_from_rank0(value: Any) -> Any:
+    if not _is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(value: Any) -> list:
+    if not _is_distributed():
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _raise_if_any(errors: list[Optional[str]]) -> None:
+    """Raise the first rank's error on every rank, so no rank is left waiting in a collective."""
+    problems = [e for e in errors if e]
+    if problems:
+        raise CheckpointError(problems[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Durable file writes
+
+
+class _HashingWriter:
+    """A write-only file wrapper that counts and hashes what passes through (torch.save target)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _save_file(path: Path, obj: Any = None, data: Optional[bytes] = None) -> dict:
+    """Write ``obj`` (torch.save) or raw ``data`` to ``path``, fsync it; return its size and sha256."""
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        if data is not None:
+            writer.write(data)
+        else:
+            torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_digest(path: Path, sync: bool = False) -> dict:
+    """Size and sha256 of a file on disk; with ``sync``, also fsync it (files others wrote)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            sha.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def _write_latest(model_path: Path, iteration: int) -> None:
+    tmp = model_path / f"{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
+    _save_file(tmp, data=f"{iteration}\n".encode())
+    os.replace(tmp, model_path / LATEST)
+    _fsync_dir(model_path)
+
+
+def _before_commit(tmp_dir: Path) -> None:
+    """Called by rank 0 between writing the files and publishing the checkpoint.
+
+    A no-op; the crash-safety test replaces it to pause there and kill the process.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states as tensors and plain lists (loadable with weights_only=True)
+
+
+def rng_state() -> dict:
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    return {
+        "python": random.getstate(),
+        "numpy": [np_name, np_keys.tolist(), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "tp_tracker": get_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            logger.warning("checkpoint holds %d CUDA RNG states, this node has %d devices: not restored",
+                           len(state["cuda"]), torch.cuda.device_count())
+    get_rng_tracker().set_states(state["tp_tracker"])
+
+
+# --------------------------------------------------------------------------------------------
+# Config bits stored with the checkpoint
+
+
+def _lookup(cfg, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def model_shape(cfg, vocab_size: Optional[int] = None) -> dict:
+    """The values of MODEL_SHAPE_KEYS (plus max_seq_len when a learned position table has it).
+
+    ``vocab_size``: the model's real vocabulary, recorded instead of ``data.vocab_size`` (which is
+    None when the tokenizer decides it at run time).
+    """
+    shape = {key: _lookup(cfg, key) for key in MODEL_SHAPE_KEYS}
+    if vocab_size is not None:
+        shape["data.vocab_size"] = vocab_size
+    if cfg.model.positional_embedding.type == "absolute":
+        shape["model.max_seq_len"] = cfg.model.max_seq_len
+    return shape
+
+
+def _layout(cfg, pstate) -> dict:
+    return {"tp_size": pstate.tp_size, "pp_size": pstate.pp_size, "dp_size": pstate.dp_size,
+            "world_size": pstate.world_size, "format": "dist" if cfg.operation.save_dist_ckpt else "single"}
+
+
+def _model_vocab_size(model: torch.nn.Module) -> Optional[int]:
+    vocab = getattr(model, "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(cfg, pstate, iteration: int, model, optimizer, scheduler, scaler,
+                    data_state: dict) -> Path:
+    """Write ``model_path/iter_{iteration:07d}/`` atomically, then point ``latest`` at it.
+
+    Collective: every rank calls it. Returns the final folder. ``optimizer``, ``scheduler`` and
+    ``scaler`` may be None (nothing is stored for them). A failure on any rank (disk full, ...)
+    raises CheckpointError on every rank and leaves ``latest`` where it was.
+    """
+    if not cfg.trainer.model_path:
+        raise CheckpointError("trainer.model_path is empty: set it to a folder to save checkpoints in")
+    root = Path(cfg.trainer.model_path)
+    final = checkpoint_dir(root, iteration)
+    tmp = _broadcast_from_rank0(final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"))
+    model = unwrap(model)
+
+    def write_files() -> dict[str, dict]:
+        if cfg.operation.save_dist_ckpt:
+            files = {str(path.relative_to(tmp)): _file_digest(path, sync=True)
+                     for path in distributed.save(tmp / DIST_DIR, pstate, model, optimizer)}
+        else:
+            files = _save_single(tmp, pstate, model, optimizer)
+        files[rng_file(pstate.rank)] = _save_file(tmp / rng_file(pstate.rank), rng_state())
+        if pstate.rank == 0:
+            common = {
+                "iteration": iteration,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "data_state": dict(data_state),
+                "model_shape": model_shape(cfg, _model_vocab_size(model)),
+                "layout": _layout(cfg, pstate),
+            }
+            files[COMMON_FILE] = _save_file(tmp / COMMON_FILE, common)
+            files[CONFIG_FILE] = _save_file(tmp / CONFIG_FILE, data=_config_yaml(cfg).encode())
+        return files
+
+    _on_every_rank(pstate, lambda: tmp.mkdir(parents=True) if pstate.rank == 0 else None)
+    gathered = _on_every_rank(pstate, write_files)
+    files = {name: meta for per_rank in gathered for name, meta in per_rank.items()}
+    _on_every_rank(pstate, lambda: _commit(root, tmp, iteration, files, cfg.trainer.keep_last_checkpoints)
+                   if pstate.rank == 0 else None)
+    return final
+
+
+def _on_every_rank(pstate, action: Callable[[], Any]) -> list:
+    """Run this rank's part of a save, then gather every rank's result (a barrier too).
+
+    An exception on one rank is raised as CheckpointError on all ranks, instead of leaving the
+    others blocked in the next collective.
+    """
+    try:
+        result, error = action(), None
+    except Exception as e:  # noqa: BLE001 - reported on every rank below
+        result, error = None, f"rank {pstate.rank}: {type(e).__name__}: {e}"
+    gathered = _all_gather((result, error))
+    errors = [err for _, err in gathered if err]
+    if errors:
+        raise CheckpointError("saving the checkpoint failed (latest is unchanged): " + "; ".join(errors))
+    return [res for res, _ in gathered]
+
+
+def _save_single(tmp: Path, pstate, model, optimizer) -> dict[str, dict]:
+    """Each (TP, PP) shard's weights and optimizer state, written by its DP rank 0."""
+    # Every rank builds the state dicts: under FSDP that gathers the shards (a collective);
+    # otherwise they are views of the live tensors, no copy.
+    options = StateDictOptions(full_state_dict=True)
+    shard = (pstate.tp_rank, pstate.pp_rank)
+    contents = {model_file(*shard): get_model_state_dict(model, options=options)}
+    if optimizer is not None:
+        contents[optim_file(*shard)] = get_optimizer_state_dict(model, optimizer, options=options)
+    if pstate.dp_rank != 0:
+        return {}
+    return {name: _save_file(tmp / name, obj) for name, obj in contents.items()}
+
+
+def write_checkpoint(model_path: str | Path, iteration: int, contents: dict[str, Any]) -> Path:
+    """Write a whole checkpoint folder from a single process (conversion tools), atomically.
+
+    ``contents`` maps file names (``common.pt``, ``model_tp00_pp00.pt``, ...) to an object for
+    ``torch.save`` or to ``bytes`` written as they are (``config.yaml``). ``latest`` then names it.
+    """
+    root = Path(model_path)
+    final = checkpoint_dir(root, iteration)
+    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    files = {name: _save_file(tmp / name, data=obj) if isinstance(obj, bytes) else _save_file(tmp / name, obj)
+             for name, obj in contents.items()}
+    _commit(root, tmp, iteration, files, keep_last=None)
+    return final
+
+
+def _commit(root: Path, tmp: Path, iteration: int, files: dict[str, dict], keep_last: Optional[int]) -> None:
+    """Seal the finished temp folder with its manifest and publish it (rank 0 only)."""
+    manifest = {"format_version": FORMAT_VERSION, "iteration": iteration, "files": files}
+    _save_file(tmp / MANIFEST, data=json.dumps(manifest, indent=1, sort_keys=True).encode())
+    _fsync_dir(tmp)
+    if (tmp / DIST_DIR).is_dir():
+        _fsync_dir(tmp / DIST_DIR)
+    _before_commit(tmp)
+    final = checkpoint_dir(root, iteration)
+    _publish(root, tmp, final, iteration)
+    _prune(root, keep_last, keep=iteration)
+    logger.info("saved checkpoint %s", final)
+
+
+def _config_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Rename the finished temp folder into place, then move ``latest`` to it (rank 0)."""
+    if final.exists():
+        # Saving an iteration again (e.g. after resuming from an earlier one): a folder cannot be
+        # renamed over a non-empty one, so the old copy steps aside first and is deleted after.
+        aside = final.with_name(f"{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_latest(root, iteration)
+
+
+def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
+    """Delete leftovers of interrupted saves and, with ``keep_last``, all but the newest K."""
+    for child in root.iterdir():
+        if child.is_dir() and re.match(r"^iter_\d{7,}\.(tmp|old)-", child.name):
+            shutil.rmtree(child, ignore_errors=True)
+    if keep_last is None:
+        return
+    done = complete_checkpoints(root)
+    for iteration in done[:-keep_last]:
+        if iteration != keep:
+            shutil.rmtree(checkpoint_dir(root, iteration))
+            logger.info("removed old checkpoint %s (keep_last_checkpoints=%d)",
+                        checkpoint_dir(root, iteration).name, keep_last)
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+
+
+def load_checkpoint(cfg, pstate, model, optimizer, scheduler, scaler) -> Optional[dict]:
+    """Resume from ``trainer.model_path``: returns ``{"iteration", "data_state"}`` or None.
+
+    The checkpoint is the one ``latest`` names, or ``trainer.load_iteration`` when set (``0``
+    starts fresh). Optimizer state and LR scheduler are restored unless
+    ``optim.load_checkpoint_optim_state`` / ``optim.load_checkpoint_lr_scheduler`` say no; then
+    they keep their freshly built state. Collective: every rank calls it.
+    Raises CheckpointError (naming the file, and the previous complete checkpoint to use instead)
+    for a corrupted or incomplete checkpoint, and for one saved with another model shape.
+    """
+    iteration = _resume_iteration(cfg)
+    if iteration is None:
+        return None
+    folder = checkpoint_dir(cfg.trainer.model_path, iteration)
+    manifest = read_manifest(folder)  # every rank reads the same small file
+    # The ranks share the checksum work round-robin, then all stop if any file is bad.
+    share = sorted(manifest["files"])[pstate.rank::pstate.world_size]
+    _raise_if_any(_all_gather(verify_files(folder, manifest, share)))
+    common = torch.load(folder / COMMON_FILE, map_location="cpu", weights_only=True)
+    model = unwrap(model)
+    _check_compatible(cfg, pstate, model, common, folder)
+
+    load_optim = optimizer is not None and cfg.optim.load_checkpoint_optim_state
+    if common["layout"]["format"] == "dist":
+        distributed.load(folder / DIST_DIR, pstate, model, optimizer if load_optim else None)
+    else:
+        _load_single(folder, pstate, model, optimizer if load_optim else None)
+
+    if scheduler is not None and cfg.optim.load_checkpoint_lr_scheduler and common["scheduler"] is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    if scaler is not None and common["scaler"] is not None:
+        scaler.load_state_dict(common["scaler"])
+    _load_rng(folder, pstate, common, manifest)
+    _barrier()
+    logger.info("resumed from %s%s%s", folder,
+                "" if load_optim or optimizer is None else " (weights only: fresh optimizer)",
+                "" if cfg.optim.load_checkpoint_lr_scheduler else " (fresh LR schedule)")
+    return {"iteration": int(common["iteration"]), "data_state": dict(common["data_state"])}
+
+
+def _resume_iteration(cfg) -> Optional[int]:
+    root = cfg.trainer.model_path
+    requested = cfg.trainer.load_iteration
+    if not root or requested == 0:
+        return None
+    if requested is not None:
+        if not checkpoint_dir(root, requested).is_dir():
+            raise CheckpointError(
+                f"trainer.load_iteration={requested}: {checkpoint_dir(root, requested)} does not exist; "
+                f"complete checkpoints in {root}: {complete_checkpoints(root) or 'none'}")
+        return requested
+    return read_latest(root)
+
+
+def _previous_hint(folder: Path) -> str:
+    match = _ITER_DIR.match(folder.name)
+    older = [i for i in complete_checkpoints(folder.parent) if match and i < int(match.group(1))]
+    if not older:
+        return "No earlier complete checkpoint exists; set trainer.load_iteration=0 to start fresh."
+    return (f"The previous complete checkpoint is {checkpoint_dir(folder.parent, older[-1]).name}: "
+            f"resume from it with trainer.load_iteration={older[-1]}.")
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a checkpoint folder; CheckpointError when it is missing or unreadable."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist. " + _previous_hint(folder))
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {MANIFEST} is missing. " + _previous_hint(folder))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {folder} is corrupted: {path} is not valid JSON ({e}). "
+                              + _previous_hint(folder)) from e
+
+
+def verify_files(folder: Path, manifest: dict, names: list[str]) -> Optional[str]:
+    """Check the size and sha256 of the named files against the manifest: None, or what is wrong."""
+    for name in names:
+        path = folder / name
+        expected = manifest["files"][name]
+        if not path.is_file():
+            problem = "is missing"
+        else:
+            actual = _file_digest(path)
+            if actual["size"] != expected["size"]:
+                problem = f"has {actual['size']} bytes, the manifest says {expected['size']} (truncated?)"
+            elif actual["sha256"] != expected["sha256"]:
+                problem = "does not match its sha256 checksum in the manifest (modified or corrupted)"
+            else:
+                continue
+        return f"checkpoint {folder} is corrupted: {path} {problem}. " + _previous_hint(folder)
+    return None
+
+
+def _check_compatible(cfg, pstate, model: torch.nn.Module, common: dict, folder: Path) -> None:
+    saved, current = common["model_shape"], model_shape(cfg, _model_vocab_size(model))
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in differing)
+        raise CheckpointError(f"checkpoint {folder} was saved for a different model shape ({detail}); "
+                              f"use the same model config, or start fresh with trainer.load_iteration=0 "
+                              f"or another trainer.model_path")
+    layout = common["layout"]
+    if layout["format"] == "single" and (layout["tp_size"], layout["pp_size"]) != (pstate.tp_size, pstate.pp_size):
+        raise CheckpointError(
+            f"checkpoint {folder} was saved with tensor_model_parallel_size={layout['tp_size']}, "
+            f"pipeline_model_parallel_size={layout['pp_size']} and this run has {pstate.tp_size}, "
+            f"{pstate.pp_size}: a single-file checkpoint loads only into the same TP/PP layout. Save with "
+            f"operation.save_dist_ckpt=true to change the layout on load.")
+
+
+def _load_single(folder: Path, pstate, model, optimizer) -> None:
+    options = StateDictOptions(full_state_dict=True)
+    weights = torch.load(folder / model_file(pstate.tp_rank, pstate.pp_rank), map_location="cpu",
+                         weights_only=True)
+    set_model_state_dict(model, weights, options=options)
+    if optimizer is not None:
+        state = torch.load(folder / optim_file(pstate.tp_rank, pstate.pp_rank), map_location="cpu",
+                           weights_only=True)
+        set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> None:
+    """Every RNG of this rank, when the checkpoint was saved by the same TP × PP × DP layout (a rank's
+    streams belong to its place in the grid; another layout keeps the streams it was seeded with)."""
+    layout = common["layout"]
+    saved = "×".join(str(layout[k]) for k in ("tp_size", "pp_size", "dp_size"))
+    current = "×".join(str(n) for n in (pstate.tp_size, pstate.pp_size, pstate.dp_size))
+    if saved != current or rng_file(pstate.rank) not in manifest["files"]:
+        logger.warning("checkpoint %s holds no RNG states for this layout (saved with TP×PP×DP %s, this run has "
+                       "%s): RNGs keep this run's seeds, so the run continues, but not bit-identically to an "
+                       "uninterrupted one", folder, saved, current)
+        return
+    set_rng_state(torch.load(folder / rng_file(pstate.rank), map_location="cpu", weights_only=True))
