@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 import ironcore.checkpoint.io as ckpt_io
 from ironcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ironcore.checkpoint.distributed import global_namer, to_single_file
+from tools.convert_checkpoint import main as convert_tool
 from ironcore.checkpoint.io import read_latest
 from ironcore.config.schema import Config, ModelConfig, PositionalEmbeddingConfig
 from ironcore.model.gpt import build_model
@@ -156,7 +157,12 @@ def test_tp2_distributed_checkpoint_loads_at_tp1_and_tp2_dp2(tmp_path):
     saved = run_distributed(_save_tp2, 2, tmp_path / "dist")[0]
     for name in MODELS:
         assert read_latest(tmp_path / "dist" / name) == 1
-        to_single_file(tmp_path / "dist" / name / "iter_0000001", tmp_path / "single" / name)
+    # One model through the package function, the other through the command-line tool.
+    first, second = MODELS
+    to_single_file(tmp_path / "dist" / first / "iter_0000001", tmp_path / "single" / first)
+    assert convert_tool(["--from", "ironcore", "--to", "single", "--input",
+                         str(tmp_path / "dist" / second / "iter_0000001"),
+                         "--output", str(tmp_path / "single" / second)]) == 0
 
     tp1 = run_distributed(_load, 1, tmp_path / "dist", 1, tmp_path / "single")[0]
     tp2_dp2 = run_distributed(_load, 4, tmp_path / "dist", 2, None)

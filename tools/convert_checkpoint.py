@@ -3,10 +3,12 @@
 
     python tools/convert_checkpoint.py --from hf --input HF_DIR --output CKPT_DIR --model CONFIG_OR_PRESET [--tp N] [--pp M]
     python tools/convert_checkpoint.py --from ironcore --input CKPT_DIR --output HF_DIR [--to hf]
+    python tools/convert_checkpoint.py --from ironcore --to single --input DIST_ITER_DIR --output CKPT_DIR
 
 HF_DIR is what ``save_pretrained`` writes (GPT2LMHeadModel or LlamaForCausalLM). CKPT_DIR is a
 ``trainer.model_path``: the converted weights become its iteration 0, which a run with that
-model_path resumes from. ``--model`` is a full config file or a model preset (``gpt2-small``,
+model_path resumes from. ``--to single`` turns a distributed checkpoint folder (``iter_*`` saved
+with ``operation.save_dist_ckpt``) into a single-file TP=1/PP=1 ``model_path``. ``--model`` is a full config file or a model preset (``gpt2-small``,
 ``configs/model/llama.yaml``); its model section must match the HF architecture.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from ironcore.checkpoint.distributed import to_single_file
 from ironcore.checkpoint.hf import convert_hf_folder, export_hf_folder
 from ironcore.checkpoint.io import CheckpointError
 from ironcore.config import GROUPS, ConfigError, load_config
@@ -41,8 +44,8 @@ def resolve_config(spec: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", choices=["hf", "ironcore"], required=True)
-    parser.add_argument("--to", dest="target", choices=["hf", "ironcore"], default=None,
-                        help="defaults to the other format")
+    parser.add_argument("--to", dest="target", choices=["hf", "ironcore", "single"], default=None,
+                        help="defaults to the other format; `single`: distributed -> single-file IronCore")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--model", help="config file or model preset (required with --from hf)")
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--from hf needs --model CONFIG_OR_PRESET")
             folder = convert_hf_folder(args.input, resolve_config(args.model), args.output, args.tp, args.pp)
             print(f"wrote {folder} (TP {args.tp}, PP {args.pp})")
+        elif target == "single":
+            folder = to_single_file(args.input, args.output)
+            print(f"wrote {folder} (single-file, TP 1, PP 1)")
         else:
             export_hf_folder(args.input, args.output)
             print(f"wrote Hugging Face model to {args.output}")
