@@ -113,7 +113,7 @@ def test_example_runs_on_one_or_two_processes(monkeypatch, world, accum):
         monkeypatch.setenv("WORLD_SIZE", world)
     cfg = load_config(ROOT / "example.yaml")
     t = cfg.trainer
-    assert (t.micro_batch_size, t.train_batch_size, t.gradient_accumulation_steps) == (8, 16, accum)
+    assert (t.micro_batch_size, t.train_batch_size, t.gradient_accumulation_steps) == (4, 8, accum)
     assert cfg.model.d_model == 128 and cfg.model.precision == "float32"
     assert cfg.trainer.do_eval and cfg.operation.eval_interval > 0 and cfg.trainer.model_path == "outputs/example"
     assert cfg.data.task_type == "pretrain"

@@ -1,0 +1,1 @@
+"""Observability: console/TensorBoard/MLflow loggers, throughput and MFU metrics, profiling."""

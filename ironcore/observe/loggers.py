@@ -1,0 +1,151 @@
+"""Where training metrics go: the console, ``metrics.jsonl``, TensorBoard and MLflow.
+
+One ``TrainingLogger`` per process; only global rank 0 writes anything (the metrics it receives
+are already reduced over the ranks that matter). Each sink is opened only when configured:
+
+* console: one line per logged step (SPEC §6) through the ``ironcore`` logger;
+* ``metrics.jsonl`` in ``trainer.model_path``: one JSON object per logged step
+  (``step, loss, lr, tokens_per_s, mfu`` and whatever else was measured) and per evaluation
+  (``step, eval_loss, eval_ppl`` / ``test_loss``); skipped when ``model_path`` is empty;
+* TensorBoard: ``utils.tensorboard_dir``, scalars under ``train/`` and ``eval/`` / ``test/``, and
+  the resolved config as text;
+* MLflow: ``utils.mlflow_tracking_uri`` (an HTTP server, ``file:`` or ``sqlite:`` store), the
+  experiment ``utils.mlflow_experiment_name`` (default ``trainer.model_name``); params = the resolved
+  config flattened to ``group.key``, metrics per logged step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger("ironcore.train")
+
+_MLFLOW_PARAMS_PER_CALL = 100  # MLflow's batch limit
+_MLFLOW_PARAM_CHARS = 6000  # MLflow's value length limit
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"positional_embedding": {"type": "rope"}}}`` -> ``{"model.positional_embedding.type": "rope"}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+def format_step_line(step: int, train_steps: int, m: dict) -> str:
+    """The console line of SPEC §6 from a step's metrics (keys that are absent are left out)."""
+    parts = [f"step {step}/{train_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}"]
+    if m.get("grad_norm") is not None:
+        parts.append(f"grad_norm {m['grad_norm']:.3f}")
+    if m.get("param_norm") is not None:
+        parts.append(f"param_norm {m['param_norm']:.3f}")
+    parts.append(f"tokens/s {m['tokens_per_s']:,.0f}")
+    parts.append(f"TFLOP/s/device {m['tflops_per_device']:.2f}")
+    parts.append("MFU " + (f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "unknown"))
+    if m.get("peak_memory_gib") is not None:
+        parts.append(f"peak_mem {m['peak_memory_gib']:.2f} GiB")
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {m['skipped_steps']}")
+    parts.append(f"elapsed {_hms(m['elapsed_s'])} eta {_hms(m['eta_s'])}")
+    return " | ".join(parts)
+
+
+class TrainingLogger:
+    """Console + ``metrics.jsonl`` + TensorBoard + MLflow sinks for one run (active on rank 0)."""
+
+    def __init__(self, cfg, rank: int, resolved_config: dict):
+        self.active = rank == 0
+        self.train_steps = cfg.operation.train_steps
+        self._jsonl = None
+        self._tb = None
+        self._mlflow = None
+        if not self.active:
+            return
+        if cfg.trainer.model_path:
+            Path(cfg.trainer.model_path).mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(Path(cfg.trainer.model_path) / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.utils.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=cfg.utils.tensorboard_dir)
+            self._tb.add_text("config", "```\n" + yaml.safe_dump(resolved_config, sort_keys=False) + "```", 0)
+            logger.info("TensorBoard: %s", cfg.utils.tensorboard_dir)
+        if cfg.utils.mlflow_tracking_uri:
+            self._mlflow = self._start_mlflow(cfg, resolved_config)
+
+    @staticmethod
+    def _start_mlflow(cfg, resolved_config: dict):
+        uri = cfg.utils.mlflow_tracking_uri
+        if uri.startswith("file:"):
+            # MLflow 3 refuses its (maintenance-mode) file store unless explicitly allowed.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        import mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(cfg.utils.mlflow_experiment_name or cfg.trainer.model_name)
+        run = mlflow.start_run(run_name=cfg.trainer.model_name)
+        params = {k: str(v)[:_MLFLOW_PARAM_CHARS] for k, v in flatten(resolved_config).items()}
+        items = list(params.items())
+        for i in range(0, len(items), _MLFLOW_PARAMS_PER_CALL):
+            mlflow.log_params(dict(items[i:i + _MLFLOW_PARAMS_PER_CALL]))
+        logger.info("MLflow: run %s at %s", run.info.run_id, uri)
+        return mlflow
+
+    def _write(self, record: dict, prefix: str) -> None:
+        step = record["step"]
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+            self._tb.flush()
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        """A training step: console line, then the machine-readable sinks."""
+        if not self.active:
+            return
+        logger.info(format_step_line(step, self.train_steps, metrics))
+        self._write({"step": step, **metrics}, "train")
+
+    def log_eval(self, step: int, split: str, loss: float, ppl: float) -> None:
+        """An evaluation of ``split`` (``eval`` or ``test``) at ``step``."""
+        if not self.active:
+            return
+        logger.info("%s at step %d | %s_loss %.4f | %s_ppl %.2f", split, step, split, loss, split, ppl)
+        self._write({"step": step, f"{split}_loss": loss, f"{split}_ppl": ppl}, split)
+
+    def log_checkpoint(self, step: int, path: str, norms: dict) -> None:
+        """A saved checkpoint, with the norms whose cadence is ``checkpoint``."""
+        if not self.active:
+            return
+        logger.info("checkpoint at step %d: %s%s", step, path,
+                    "".join(f" | {k} {v:.3f}" for k, v in norms.items()))
+        if norms:
+            self._write({"step": step, **norms}, "train")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+        self._jsonl = self._tb = self._mlflow = None

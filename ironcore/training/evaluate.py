@@ -1,0 +1,87 @@
+"""Evaluation: the loss and perplexity of a model on the first samples of a split.
+
+``evaluate`` is what the trainer calls every ``operation.eval_interval`` steps; ``main`` is
+``ironcore eval CONFIG``: it loads the latest checkpoint of ``trainer.model_path`` and prints
+``{"iteration": ..., "eval_loss": ..., "test_loss": ...}`` as JSON (``null`` for an empty split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ironcore.config import Config
+from ironcore.training.precision import autocast
+
+logger = logging.getLogger(__name__)
+
+
+def masked_loss_sums(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token loss × loss_mask, sum of loss_mask) of one micro-batch."""
+    per_token = model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                      position_ids=batch["position_ids"].to(device),
+                      segment_ids=batch["segment_ids"].to(device) if "segment_ids" in batch else None)
+    mask = batch["loss_mask"].to(device)
+    return (per_token.float() * mask).sum(), mask.sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, num_samples: int, micro_batch_size: int, pstate,
+             precision: str) -> Optional[tuple[float, float]]:
+    """Token-averaged loss and perplexity over the first ``num_samples`` samples of ``dataset``
+    (rounded up to whole micro-batches on every DP rank), the same samples at every call.
+    Returns None for an empty dataset or ``num_samples == 0``. Collective over the DP group."""
+    from ironcore.data import build_loader
+
+    if dataset is None or len(dataset) == 0 or num_samples == 0:
+        return None
+    draws = math.ceil(min(num_samples, len(dataset)) / (micro_batch_size * pstate.dp_size))
+    loader = build_loader(dataset, micro_batch_size, pstate.dp_rank, pstate.dp_size, seed=0, shuffle=False)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=pstate.device)
+    for _ in range(draws):
+        with autocast(precision, pstate.device):
+            loss_sum, tokens = masked_loss_sums(model, next(loader), pstate.device)
+        totals += torch.stack([loss_sum.double(), tokens.double()])
+    model.train(was_training)
+    if pstate.dp_group is not None:
+        dist.all_reduce(totals, group=pstate.dp_group)
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 700.0))  # exp overflows float past ~709
+
+
+def main(cfg: Config) -> int:
+    """``ironcore eval CONFIG``: evaluate the latest checkpoint on the eval and test splits."""
+    from ironcore.checkpoint.io import load_checkpoint
+    from ironcore.data import build_datasets, build_tokenizer, resolve_vocab_size
+    from ironcore.model import build_model
+    from ironcore.parallel.state import destroy_distributed, init_distributed
+
+    pstate = init_distributed(cfg)
+    try:
+        tokenizer = build_tokenizer(cfg.model)
+        datasets = build_datasets(cfg, tokenizer)
+        model = build_model(cfg, pstate, resolve_vocab_size(cfg, tokenizer))
+        resumed = load_checkpoint(cfg, pstate, model, None, None, None) if cfg.trainer.model_path else None
+        if resumed is None:
+            if pstate.rank == 0:
+                logger.error("ironcore eval: no checkpoint in trainer.model_path (%r) to evaluate",
+                             cfg.trainer.model_path)
+            return 1
+        batch = cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size
+        result = {"iteration": resumed["iteration"]}
+        for split, samples in (("eval", cfg.operation.eval_samples), ("test", cfg.operation.test_samples)):
+            out = evaluate(model, datasets[split], samples, batch, pstate, cfg.model.precision)
+            result[f"{split}_loss"] = None if out is None else out[0]
+        if pstate.rank == 0:
+            print(json.dumps(result))
+        return 0
+    finally:
+        destroy_distributed()

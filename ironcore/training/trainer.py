@@ -1,0 +1,411 @@
+"""The training loop: ``train(cfg)`` is ``ironcore train CONFIG`` / ``torchrun -m ironcore CONFIG``.
+
+One optimizer step ("step") of ``train_batch_size = micro_batch_size × gradient_accumulation_steps ×
+data-parallel size`` sequences:
+
+1. each of the ``gradient_accumulation_steps`` micro-batches runs forward under autocast and
+   backward on ``loss / accumulation`` (scaled for fp16), where ``loss = Σ per-token loss × loss_mask
+   / Σ loss_mask``. The model is wrapped in ``DistributedDataParallel`` over the DP group; gradient
+   all-reduce happens only on the last micro-batch (``no_sync()`` on the others), so DP=2 computes
+   exactly what DP=1 with twice the accumulation does;
+2. under sequence parallelism the TP-replicated grads are all-reduced (``sync_sequence_parallel_grads``);
+3. the step's loss is averaged over the DP group (not the world: TP ranks hold the same loss) and a
+   NaN/inf loss on any rank stops the run, naming the step and the rank, before the weights change;
+4. gradients are unscaled (fp16), clipped to ``optim.clip_grad`` by their global norm (TP shards summed,
+   TP-replicated parameters counted once, pipeline stages summed), and the optimizer and LR schedule step.
+
+Around the steps: resume from ``trainer.model_path`` when it holds a checkpoint; evaluate at step 0
+and every ``operation.eval_interval`` steps (``trainer.do_eval``) and on the test split at the end
+(``do_eval`` or ``do_test``); save a checkpoint every ``trainer.save_checkpoint_steps`` steps, at
+the end, at ``operation.exit_interval`` and after SIGTERM/SIGINT (the signal only sets a flag; the
+run saves and exits cleanly at the next step boundary); log per ``trainer.log_interval``
+(``ironcore.observe.loggers``); profile per ``utils.profile_*``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ironcore.config import Config, to_dict
+from ironcore.observe import metrics
+from ironcore.observe.loggers import TrainingLogger
+from ironcore.observe.profiling import Profiler, nvtx_range
+from ironcore.parallel.state import ParallelState, destroy_distributed, init_distributed
+from ironcore.training.evaluate import evaluate, masked_loss_sums
+from ironcore.training.optimizer import build_optimizer
+from ironcore.training.precision import autocast, build_grad_scaler, compute_dtype
+from ironcore.training.recompute import apply_activation_recompute
+from ironcore.training.scheduler import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the message names the step and the rank."""
+
+
+@dataclass
+class StepResult:
+    loss: float          # averaged over the micro-batches and the DP group
+    lr: float            # the learning rate this step used
+    grad_norm: Optional[float]
+    skipped: bool        # fp16: the loss scaler found inf/NaN gradients and skipped the update
+    tokens: int          # tokens of the whole step, all DP ranks
+    seconds: float
+
+
+def train(cfg: Config) -> dict:
+    """Train as ``cfg`` says; returns the run's summary (also logged on rank 0).
+
+    Raises ``NonFiniteLossError`` when the loss becomes NaN/inf. A SIGTERM/SIGINT ends the run
+    normally after saving a checkpoint.
+    """
+    package_logger = logging.getLogger("ironcore")
+    log_level, deterministic = package_logger.level, torch.are_deterministic_algorithms_enabled()
+    pstate = init_distributed(cfg)
+    try:
+        return Trainer(cfg, pstate).run()
+    finally:
+        destroy_distributed()
+        # Leave the process as we found it (train() may be called again, e.g. by tests or notebooks).
+        package_logger.setLevel(log_level)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _configure_logging(log_level: str, rank: int) -> None:
+    # Rank 0 logs at utils.log_level; the other ranks report warnings and errors only.
+    level = logging.getLevelName(log_level)
+    logging.getLogger("ironcore").setLevel(level if rank == 0 else max(level, logging.WARNING))
+
+
+def _set_determinism(seed: int, deterministic: bool, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    if deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+        logger.info("deterministic mode: torch.use_deterministic_algorithms(True)")
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag instead of killing the process mid-step."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Builds everything a run needs from ``cfg`` on this rank, then ``run()`` trains."""
+
+    def __init__(self, cfg: Config, pstate: ParallelState):
+        from ironcore.checkpoint.io import load_checkpoint
+        from ironcore.data import build_datasets, build_loader, build_tokenizer, resolve_vocab_size
+        from ironcore.model import build_model
+
+        self.cfg, self.pstate = cfg, pstate
+        _configure_logging(cfg.utils.log_level, pstate.rank)
+        if pstate.pp_size > 1:
+            raise ValueError("trainer.pipeline_model_parallel_size > 1: the training loop does not run "
+                             "pipeline schedules yet; use tensor and data parallelism")
+        if cfg.data.task_type == "dpo":
+            raise ValueError("data.task_type: dpo needs a preference loss the trainer does not have yet; "
+                             "allowed here: pretrain, sft")
+        _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
+
+        tokenizer = build_tokenizer(cfg.model)
+        self.vocab_size = resolve_vocab_size(cfg, tokenizer)
+        self.datasets = build_datasets(cfg, tokenizer)
+        self.model = build_model(cfg, pstate, self.vocab_size)
+        apply_activation_recompute(self.model, cfg.operation)
+        self.optimizer = build_optimizer(self.model, cfg.optim, pstate.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.operation.train_steps)
+        self.scaler = build_grad_scaler(cfg.model.precision, pstate.device)
+
+        resumed = load_checkpoint(cfg, pstate, self.model, self.optimizer, self.scheduler, self.scaler) \
+            if cfg.trainer.model_path else None
+        self.scheduler.apply()  # the optimizer's lr must follow the (possibly fresh) schedule
+        self.step = resumed["iteration"] if resumed else 0
+        consumed = resumed["data_state"]["consumed_samples"] if resumed else 0
+        self.loader = build_loader(self.datasets["train"], cfg.trainer.micro_batch_size, pstate.dp_rank,
+                                   pstate.dp_size, cfg.init.seed, consumed_samples=consumed)
+
+        if cfg.trainer.compile_model:
+            self.model.compile()  # in place: parameter names (and checkpoints) are unchanged
+        self.ddp: nn.Module = self.model
+        if pstate.dp_group is not None:
+            self.ddp = DistributedDataParallel(
+                self.model, process_group=pstate.dp_group,
+                device_ids=[pstate.device] if pstate.device.type == "cuda" else None)
+
+        flops = metrics.model_flops_per_token(cfg.model, self.model.padded_vocab_size, cfg.model.max_seq_len)
+        peak = metrics.device_peak_flops(pstate.device, compute_dtype(cfg.model.precision))
+        self.throughput = metrics.Throughput(flops, peak, pstate.world_size)
+        self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg))
+        self.profiler = Profiler(cfg.utils, pstate.rank, cfg.trainer.model_path)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.last_saved: Optional[int] = self.step if resumed else None
+        self.last_checkpoint: Optional[str] = None
+        self.last_grad_norm: Optional[float] = None
+        self.warned_no_save = False
+        self.warned_no_eval = False
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_batches(self):
+        accumulation = self.cfg.trainer.gradient_accumulation_steps
+        for i in range(accumulation):
+            last = i == accumulation - 1
+            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            yield next(self.loader), sync
+
+    def forward_backward(self) -> tuple[torch.Tensor, int]:
+        """Forward and backward over the step's micro-batches; returns (this rank's mean loss,
+        this rank's token count)."""
+        accumulation = self.cfg.trainer.gradient_accumulation_steps
+        losses, tokens = [], 0
+        for batch, sync in self._micro_batches():
+            with sync:
+                with autocast(self.cfg.model.precision, self.pstate.device), nvtx_range("forward"):
+                    loss_sum, mask_sum = masked_loss_sums(self.ddp, batch, self.pstate.device)
+                    loss = loss_sum / mask_sum.clamp(min=1)
+                scaled = loss / accumulation
+                with nvtx_range("backward"):
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses.append(loss.detach())
+            tokens += batch["input_ids"].numel()
+        return torch.stack(losses).mean(), tokens
+
+    def _check_and_average(self, local_loss: torch.Tensor, stop: "_StopSignal") -> tuple[float, bool]:
+        """DP-averaged loss; raises on a non-finite loss anywhere. Also agrees across all ranks on
+        whether a stop signal arrived (any rank's signal stops every rank at the same step)."""
+        pstate = self.pstate
+        averaged = local_loss.detach().float().clone()
+        if pstate.dp_group is not None:
+            dist.all_reduce(averaged, group=pstate.dp_group)
+            averaged /= pstate.dp_size
+        # One MIN-reduction over the world: the first rank with a bad loss, and 0 if any rank got a signal.
+        flags = torch.tensor([pstate.rank if not torch.isfinite(local_loss) else pstate.world_size,
+                              0 if stop.received else 1], dtype=torch.int64, device=pstate.device)
+        if pstate.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        bad_rank, no_signal = int(flags[0]), int(flags[1])
+        if bad_rank < pstate.world_size:
+            raise NonFiniteLossError(
+                f"training loss is {local_loss.item() if bad_rank == pstate.rank else 'non-finite'} at step "
+                f"{self.step + 1} on rank {bad_rank} (this is rank {pstate.rank}); stopping before the "
+                f"optimizer step. Lower optim.max_lr, raise optim.warmup_steps or check the data.")
+        return averaged.item(), no_signal == 0
+
+    def train_step(self, stop: "_StopSignal") -> tuple[StepResult, bool]:
+        """One optimizer step; returns its result and whether a stop signal was received."""
+        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        local_loss, tokens = self.forward_backward()
+        loss, signalled = self._check_and_average(local_loss, stop)
+        if getattr(self.model, "sequence_parallel", False):
+            self.model.sync_sequence_parallel_grads()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.optim.clip_grad > 0 or self.cfg.trainer.grad_norm_log_interval:
+            grad_norm = metrics.clip_grad_norm_(self.params, self.cfg.optim.clip_grad,
+                                                self.pstate.tp_group, self.pstate.pp_group).item()
+        skipped = False
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale  # the scaler backed off: the update was skipped
+        else:
+            self.optimizer.step()
+        if not skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - t0
+        return StepResult(loss, lr, grad_norm, skipped, tokens * self.pstate.dp_size, seconds), signalled
+
+    # ------------------------------------------------------------------ around the steps
+
+    def _eval(self, split: str) -> Optional[float]:
+        cfg = self.cfg
+        samples = cfg.operation.eval_samples if split == "eval" else cfg.operation.test_samples
+        batch = cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size
+        with nvtx_range(f"{split}"):
+            result = evaluate(self.model, self.datasets[split], samples, batch, self.pstate, cfg.model.precision)
+        if result is None:
+            if not (split == "eval" and self.warned_no_eval):
+                logger.warning("no %s data: the %s split is empty (data.splits / data.%s_datasets) or "
+                               "operation.%s_samples is 0; skipping %s", split, split, split, split, split)
+            self.warned_no_eval |= split == "eval"
+            return None
+        self.log.log_eval(self.step, split, *result)
+        return result[0]
+
+    def _save(self) -> Optional[str]:
+        from ironcore.checkpoint.io import save_checkpoint
+
+        cfg = self.cfg
+        if cfg.operation.no_save or self.last_saved == self.step:
+            return None
+        if not cfg.trainer.model_path:
+            if not self.warned_no_save:
+                logger.warning("trainer.model_path is empty: checkpoints are not saved")
+                self.warned_no_save = True
+            return None
+        with nvtx_range("checkpoint"):
+            path = save_checkpoint(cfg, self.pstate, self.step, self.model, self.optimizer, self.scheduler,
+                                   self.scaler, self.loader.state_dict())
+        self.last_saved, self.last_checkpoint = self.step, str(path)
+        norms = {}
+        if cfg.trainer.grad_norm_log_interval == "checkpoint" and self.last_grad_norm is not None:
+            norms["grad_norm"] = self.last_grad_norm
+        if cfg.trainer.param_norm_log_interval == "checkpoint":
+            norms["param_norm"] = self._param_norm()
+        self.log.log_checkpoint(self.step, str(path), norms)
+        return str(path)
+
+    def _param_norm(self) -> float:
+        return metrics.param_norm(self.params, self.pstate.tp_group, self.pstate.pp_group).item()
+
+    def _log_step(self, window: list[StepResult], started: float, start_step: int) -> None:
+        cfg = self.cfg
+        rate = self.throughput.report()
+        elapsed = time.perf_counter() - started
+        per_step = elapsed / max(self.step - start_step, 1)
+        record = {
+            "loss": sum(r.loss for r in window) / len(window),
+            "lr": window[-1].lr,
+            **rate,
+            "elapsed_s": elapsed,
+            "eta_s": per_step * (cfg.operation.train_steps - self.step),
+        }
+        if cfg.trainer.grad_norm_log_interval == "log" and window[-1].grad_norm is not None:
+            record["grad_norm"] = window[-1].grad_norm
+        if cfg.trainer.param_norm_log_interval == "log":
+            record["param_norm"] = self._param_norm()
+        if cfg.utils.report_memory_usage:
+            record["peak_memory_gib"] = metrics.peak_memory_bytes(self.pstate.device) / 2**30
+        skipped = sum(r.skipped for r in window)
+        if skipped:
+            record["skipped_steps"] = skipped
+        self.log.log_step(self.step, record)
+
+    def run(self) -> dict:
+        """Train until ``operation.train_steps``, ``exit_interval``, a signal or the profiling end."""
+        cfg, op = self.cfg, self.cfg.operation
+        started, start_step = time.perf_counter(), self.step
+        window: list[StepResult] = []
+        losses: list[float] = []
+        eval_loss = test_loss = None
+        stopped_by = "train_steps"
+        total_tokens, total_seconds = 0, 0.0
+        if self.step >= op.train_steps:
+            logger.info("nothing to train: resumed at step %d >= operation.train_steps (%d)", self.step, op.train_steps)
+        elif cfg.trainer.do_eval and self.step == 0:
+            eval_loss = self._eval("eval")  # the baseline before any update
+        self.model.train()
+        # The handlers stay installed until the end, so a signal can never cut a checkpoint write short.
+        with _StopSignal() as stop:
+            try:
+                while self.step < op.train_steps:
+                    self.profiler.step_begin(self.step)
+                    with nvtx_range(f"step {self.step + 1}"):
+                        result, signalled = self.train_step(stop)
+                    profile_done = self.profiler.step_end(self.step - 1)
+                    window.append(result)
+                    losses.append(result.loss)
+                    self.last_grad_norm = result.grad_norm
+                    self.throughput.add(result.tokens, result.seconds)
+                    total_tokens, total_seconds = total_tokens + result.tokens, total_seconds + result.seconds
+                    if self.step % cfg.trainer.log_interval == 0 or self.step == op.train_steps:
+                        self._log_step(window, started, start_step)
+                        window = []
+                    if signalled:  # preemption: save now, skip everything else
+                        stopped_by = f"signal ({stop.received or 'on another rank'})"
+                        break
+                    if cfg.trainer.do_eval and self.step % op.eval_interval == 0:
+                        eval_loss = self._eval("eval")
+                    if self.step % cfg.trainer.save_checkpoint_steps == 0:
+                        self._save()
+                    if op.exit_interval and self.step % op.exit_interval == 0:
+                        stopped_by = "operation.exit_interval"
+                        break
+                    if profile_done:
+                        stopped_by = "utils.stop_on_profile_end"
+                        break
+                if stopped_by != "train_steps":
+                    logger.info("stopping at step %d: %s", self.step, stopped_by)
+                if window:
+                    self._log_step(window, started, start_step)
+                if self.step > start_step:
+                    self._save()
+                if not stopped_by.startswith("signal"):
+                    if cfg.trainer.do_eval and self.step > start_step and self.step % op.eval_interval != 0:
+                        eval_loss = self._eval("eval")
+                    if cfg.trainer.do_eval or cfg.trainer.do_test:
+                        test_loss = self._eval("test")
+            finally:
+                self.profiler.close()
+                self.log.close()
+        return self._summary(losses, eval_loss, test_loss, self.last_checkpoint, stopped_by, total_tokens,
+                             total_seconds, time.perf_counter() - started)
+
+    def _summary(self, losses, eval_loss, test_loss, checkpoint, stopped_by, tokens, seconds, elapsed) -> dict:
+        tokens_per_s = tokens / seconds if seconds else 0.0
+        peak = self.throughput.peak_flops
+        mfu = tokens_per_s * self.throughput.flops_per_token / self.pstate.world_size / peak if peak else None
+        summary = {
+            "steps": self.step,
+            "stopped_by": stopped_by,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "eval_loss": eval_loss,
+            "eval_ppl": math.exp(min(eval_loss, 700.0)) if eval_loss is not None else None,
+            "test_loss": test_loss,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "elapsed_s": elapsed,
+            "consumed_samples": self.loader.state_dict()["consumed_samples"],
+            "checkpoint": checkpoint,
+        }
+        if self.pstate.rank == 0:
+            fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+            logger.info(
+                "training done: %d steps (%s) in %.1fs | loss %s -> %s | eval_loss %s | test_loss %s | "
+                "%s tokens/s | MFU %s | checkpoint %s", self.step, stopped_by, elapsed,
+                fmt(summary["first_loss"], ".4f"), fmt(summary["final_loss"], ".4f"), fmt(eval_loss, ".4f"),
+                fmt(test_loss, ".4f"), format(tokens_per_s, ",.0f"),
+                "unknown" if mfu is None else f"{100 * mfu:.1f}%", checkpoint or "none")
+        return summary

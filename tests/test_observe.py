@@ -1,0 +1,93 @@
+"""Loggers write what SPEC §6 promises (metrics.jsonl, TensorBoard, MLflow) and read back; the
+torch profiler window writes a trace on CPU."""
+
+import json
+
+import torch
+
+from ironcore.config import Config, to_dict
+from ironcore.observe.loggers import TrainingLogger, flatten, format_step_line
+from ironcore.observe.profiling import Profiler
+
+STEP = {"loss": 4.25, "lr": 3e-4, "grad_norm": 1.5, "tokens_per_s": 1234.0, "tflops_per_device": 0.05,
+        "mfu": 0.25, "peak_memory_gib": 0.5, "elapsed_s": 62.0, "eta_s": 300.0}
+
+
+def test_console_line_has_every_spec_field():
+    line = format_step_line(20, 200, STEP)
+    for part in ["step 20/200", "loss 4.2500", "lr 3.000e-04", "grad_norm 1.500", "tokens/s 1,234",
+                 "TFLOP/s/device 0.05", "MFU 25.0%", "peak_mem 0.50 GiB", "elapsed 0:01:02", "eta 0:05:00"]:
+        assert part in line
+    assert "MFU unknown" in format_step_line(1, 2, {**STEP, "mfu": None})
+
+
+def test_flatten_nested_config():
+    assert flatten({"model": {"d_model": 8, "positional_embedding": {"type": "rope"}}}) == {
+        "model.d_model": 8, "model.positional_embedding.type": "rope"}
+
+
+def test_jsonl_tensorboard_and_mlflow_read_back(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = Config()
+    cfg.trainer.model_path = str(tmp_path / "run")
+    cfg.trainer.model_name = "logger-test"
+    cfg.utils.tensorboard_dir = str(tmp_path / "tb")
+    cfg.utils.mlflow_tracking_uri = (tmp_path / "mlruns").as_uri()
+    log = TrainingLogger(cfg, rank=0, resolved_config=to_dict(cfg))
+    log.log_step(1, STEP)
+    log.log_step(2, {**STEP, "loss": 4.0})
+    log.log_eval(2, "eval", 3.5, 33.1)
+    log.close()
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 2]
+    assert records[1]["loss"] == 4.0 and records[0]["mfu"] == 0.25 and records[2]["eval_loss"] == 3.5
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/loss")] == [4.25, 4.0]
+    assert [e.value for e in acc.Scalars("eval/eval_loss")] == [3.5]
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=cfg.utils.mlflow_tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("logger-test").experiment_id])[0]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [4.25, 4.0]
+    assert run.data.params["model.d_model"] == "512"
+    assert run.data.params["optim.lr_scheduler"] == "cosine"
+
+
+def test_non_zero_rank_writes_nothing(tmp_path):
+    cfg = Config()
+    cfg.trainer.model_path = str(tmp_path / "run")
+    cfg.utils.tensorboard_dir = str(tmp_path / "tb")
+    log = TrainingLogger(cfg, rank=1, resolved_config={})
+    log.log_step(1, STEP)
+    log.close()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
+
+
+def test_torch_profiler_window_writes_a_trace_and_can_stop_the_run(tmp_path):
+    cfg = Config()
+    cfg.utils.profile_torch = True
+    cfg.utils.profile_step_start, cfg.utils.profile_step_end = 2, 4
+    cfg.utils.stop_on_profile_end = True
+    prof = Profiler(cfg.utils, rank=0, output_dir=str(tmp_path))
+    stops = []
+    for step in range(6):
+        prof.step_begin(step)
+        torch.randn(32, 32) @ torch.randn(32, 32)
+        stops.append(prof.step_end(step))
+    assert stops == [False, False, False, True, False, False]
+    trace = json.loads((tmp_path / "profile" / "rank0_step2-4.json").read_text())
+    assert any("mm" in e.get("name", "") for e in trace["traceEvents"])
+
+
+def test_profiler_is_inactive_on_other_ranks(tmp_path):
+    cfg = Config()
+    cfg.utils.profile_torch = True
+    prof = Profiler(cfg.utils, rank=3, output_dir=str(tmp_path))
+    for step in range(14):
+        prof.step_begin(step)
+        assert prof.step_end(step) is False
+    assert not (tmp_path / "profile").exists()

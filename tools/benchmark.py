@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""Training throughput of IronCore against Hugging Face's GPT2LMHeadModel and a plain PyTorch GPT.
+
+All three train the same GPT-2-style shape on the same random tokens, in one process and one run:
+forward, backward, clip the gradient norm to 1.0, fused AdamW step. The measurements are
+interleaved (round-robin, several rounds, the fastest kept) because shared machines are noisy.
+IronCore's step is the trainer's own pieces (autocast, masked token loss, global-norm clipping,
+``build_optimizer``). MFU uses the model FLOPs of ``ironcore.observe.metrics`` (the same count for
+the three models) against the device's peak: the dense bf16 table on GPUs; on CPU the best rate of
+a 2048-square GEMM in the compute dtype, measured in every round beside the models.
+
+    python tools/benchmark.py                       # 4 layers x d256, seq 256, vocab 50,304, batch 8
+    python tools/benchmark.py --device cuda --precision bfloat16 --layers 12 --d-model 768 --heads 12
+
+Prints one JSON object: per implementation tokens/s, step time and MFU, and IronCore's ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ironcore.config import Config  # noqa: E402
+from ironcore.model import build_model  # noqa: E402
+from ironcore.observe import metrics  # noqa: E402
+from ironcore.parallel.state import ParallelState  # noqa: E402
+from ironcore.training.evaluate import masked_loss_sums  # noqa: E402
+from ironcore.training.optimizer import build_optimizer  # noqa: E402
+from ironcore.training.precision import autocast, compute_dtype  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- a plain PyTorch GPT
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, d)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class PlainGPT(nn.Module):
+    """nanoGPT-style reference: learned positions, pre-LN blocks, tied head, F.cross_entropy."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, ffn: int, seq: int):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(_Block(d, heads, ffn) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+
+
+# ---------------------------------------------------------------------------- the three steps
+def _adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    # The same fused AdamW IronCore uses, so the comparison is of the models, not the optimizers.
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+
+def ironcore_step(args, device):
+    cfg = Config()
+    m = cfg.model
+    m.d_model, m.d_ffn, m.num_layers, m.num_attention_heads = args.d_model, 4 * args.d_model, args.layers, args.heads
+    m.max_seq_len, m.precision, m.activation_type = args.seq_len, args.precision, "gelu_tanh"
+    m.dropout_embd = m.dropout_attn = m.dropout_mlp = 0.0
+    cfg.data.vocab_size = args.vocab
+    cfg.optim.max_lr, cfg.optim.weight_decay = 1e-4, 0.1
+    cfg.trainer.use_flash_attn = device.type == "cuda"
+    pstate = ParallelState(device=device)
+    model = build_model(cfg, pstate, args.vocab)
+    if args.compile:
+        model.compile()
+    optimizer = build_optimizer(model, cfg.optim, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: dict) -> None:
+        with autocast(args.precision, device):
+            loss_sum, tokens = masked_loss_sums(model, batch, device)
+        (loss_sum / tokens).backward()
+        metrics.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model.padded_vocab_size
+
+
+def hf_step(args, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.d_model, n_layer=args.layers,
+                        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(config).to(device)
+    if args.compile:
+        model.compile()
+    optimizer = _adamw(model, device)
+
+    def step(batch: dict) -> None:
+        with autocast(args.precision, device):
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def plain_step(args, device):
+    model = PlainGPT(args.vocab, args.d_model, args.layers, args.heads, 4 * args.d_model, args.seq_len).to(device)
+    if args.compile:
+        model.compile()
+    optimizer = _adamw(model, device)
+
+    def step(batch: dict) -> None:
+        with autocast(args.precision, device):
+            loss = model(batch["input_ids"], batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ---------------------------------------------------------------------------- measurement
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, batch: dict, n: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(batch)
+    _sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round and implementation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation first")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is reported")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--precision", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile all three models")
+    p.add_argument("--only", nargs="+", default=["ironcore", "hf", "plain"], choices=["ironcore", "hf", "plain"])
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    args.precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
+    batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+             "loss_mask": torch.ones(args.batch, args.seq_len, device=device),
+             "position_ids": torch.arange(args.seq_len, device=device).expand(args.batch, -1)}
+
+    builders = {"ironcore": lambda: ironcore_step(args, device)[0], "hf": lambda: hf_step(args, device),
+                "plain": lambda: plain_step(args, device)}
+    steps = {name: builders[name]() for name in args.only}
+    for name, step in steps.items():
+        for _ in range(args.warmup):
+            step(batch)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_peaks: list[float] = []
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(_time_steps(step, batch, args.steps, device))
+        if device.type == "cpu":  # the CPU ceiling is measured in the same rounds, under the same load
+            cpu_peaks.append(metrics.gemm_flops(compute_dtype(args.precision), size=2048, repeats=3))
+
+    model_cfg = Config().model
+    model_cfg.d_model, model_cfg.d_ffn, model_cfg.num_layers = args.d_model, 4 * args.d_model, args.layers
+    model_cfg.num_attention_heads = args.heads
+    flops_per_token = metrics.model_flops_per_token(model_cfg, args.vocab, args.seq_len)
+    peak = max(cpu_peaks) if cpu_peaks else metrics.device_peak_flops(device, compute_dtype(args.precision))
+    results = {}
+    for name, ts in times.items():
+        step_s = min(ts)  # noise on a shared machine only ever adds time
+        tps = args.batch * args.seq_len / step_s
+        results[name] = {"tokens_per_s": round(tps, 1), "step_s": round(step_s, 4),
+                         "mfu": round(tps * flops_per_token / peak, 4) if peak else None,
+                         "step_s_all_rounds": [round(t, 4) for t in ts]}
+    ratios = {}
+    if "ironcore" in results:
+        for peer in ("hf", "plain"):
+            if peer in results:
+                ratio = results["ironcore"]["tokens_per_s"] / results[peer]["tokens_per_s"]
+                ratios[f"ironcore_vs_{peer}"] = round(ratio, 3)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(json.dumps({
+        "shape": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "seq_len": args.seq_len,
+                  "vocab": args.vocab, "batch": args.batch},
+        "device": device.type, "device_name": device_name, "precision": args.precision,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "compile": args.compile,
+        "torch": torch.__version__, "model_flops_per_token": flops_per_token,
+        "peak_tflops": round(peak / 1e12, 3) if peak else None,
+        "results": results, "ratios": ratios,
+    }, indent=1))
+    return 0 if all(math.isfinite(r["tokens_per_s"]) for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
