@@ -7,8 +7,9 @@
     ironcore preprocess ...                           tokenize text into indexed datasets
     ironcore data-stats ...                           statistics of indexed datasets
 
-A configuration mistake (or a missing file) prints the list of problems and exits with status 2,
-never a traceback. The training, evaluation and data modules are imported only when used, so
+A configuration mistake (or a missing file) prints the list of problems and exits with status 2;
+a run-time failure the user must fix (NaN loss, corrupted checkpoint, bad data file) prints one
+line naming the rank and exits with status 1 — never a traceback. The training, evaluation and data modules are imported only when used, so
 ``ironcore config`` works without loading torch.
 """
 
@@ -37,22 +38,33 @@ _TOOL_COMMANDS = {
 
 
 class UsageError(Exception):
-    """A user mistake that is not about the config's contents (e.g. a module not built yet)."""
+    """A user mistake that is not about the config's contents (e.g. no CONFIG given)."""
+
+
+RUN_ERROR = 1
+# Run-time failures that are the user's to fix (a NaN loss, a corrupted checkpoint, a bad data
+# file, a broken pipeline setup): one line naming the rank and exit status 1, never a traceback.
+_RUN_ERRORS = (("ironcore.training.trainer", "NonFiniteLossError"), ("ironcore.checkpoint.io", "CheckpointError"),
+               ("ironcore.data.indexed", "IndexedDatasetError"), ("ironcore.parallel.pipeline", "PipelineError"))
+
+
+def _rank() -> str:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
 
 def _is_main_rank() -> bool:
     """Under torchrun/SLURM every rank validates the same config; only one should print the errors."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    return _rank() == "0"
 
 
-def _import_optional(module: str) -> Optional[ModuleType]:
-    """The module, or None when it (not one of its own imports) does not exist yet."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            return None
-        raise
+def _module(name: str) -> ModuleType:
+    """Import lazily, so that `ironcore config` never loads torch."""
+    return importlib.import_module(name)
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    # Evaluated only when an exception is already propagating (an `except` expression is lazy).
+    return tuple(getattr(importlib.import_module(module), name) for module, name in _RUN_ERRORS)
 
 
 def _run_parser(command: str) -> argparse.ArgumentParser:
@@ -80,28 +92,10 @@ def _setup_logging(cfg: Config) -> None:
     logging.basicConfig(level=cfg.utils.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _plan_text(cfg: Config) -> str:
-    t, m, p = cfg.trainer, cfg.model, cfg.parallel
-    dp = p.world_size // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)
-    return (f"model: {m.num_layers} layers, d_model {m.d_model}, {m.num_attention_heads} heads, "
-            f"seq {m.max_seq_len}, {m.precision}\n"
-            f"parallel: world size {p.world_size} = data {dp} × tensor {t.tensor_model_parallel_size} "
-            f"× pipeline {t.pipeline_model_parallel_size}\n"
-            f"batch: {t.train_batch_size} = micro {t.micro_batch_size} × accumulation "
-            f"{t.gradient_accumulation_steps} × data {dp}\n"
-            f"steps: {cfg.operation.train_steps}, max_lr {cfg.optim.max_lr}, output {t.model_path or '(none)'}")
-
-
 def cmd_train(argv: Sequence[str]) -> int:
-    cfg, _, path = _load("train", argv)
+    cfg, _, _ = _load("train", argv)
     _setup_logging(cfg)
-    trainer = _import_optional("ironcore.training.trainer")
-    if trainer is None:
-        if _is_main_rank():
-            print(f"{path}: config is valid. Would train:\n{_plan_text(cfg)}\n"
-                  "(ironcore.training.trainer is not available yet; nothing was run)")
-        return 0
-    trainer.train(cfg)
+    _module("ironcore.training.trainer").train(cfg)
     return 0
 
 
@@ -115,19 +109,13 @@ def cmd_config(argv: Sequence[str]) -> int:
 def cmd_eval(argv: Sequence[str]) -> int:
     cfg, _, _ = _load("eval", argv)
     _setup_logging(cfg)
-    evaluate = _import_optional("ironcore.training.evaluate")
-    if evaluate is None:
-        raise UsageError("ironcore eval: evaluation is not available yet (ironcore.training.evaluate)")
-    status = evaluate.main(cfg)
+    status = _module("ironcore.training.evaluate").main(cfg)
     return status if isinstance(status, int) else 0
 
 
 def _tool(module: str) -> Callable[[Sequence[str]], int]:
     def run(argv: Sequence[str]) -> int:
-        tool = _import_optional(module)
-        if tool is None:
-            raise UsageError(f"{module} is not available yet")
-        status = tool.main(list(argv))
+        status = _module(module).main(list(argv))
         return status if isinstance(status, int) else 0
     return run
 
@@ -163,3 +151,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return USAGE_ERROR
     except SystemExit as e:  # argparse's own usage errors (status 2) and --help (status 0)
         return e.code if isinstance(e.code, int) else USAGE_ERROR
+    except _run_errors() as e:
+        print(f"ironcore {command}: rank {_rank()}: {e}", file=sys.stderr)
+        return RUN_ERROR

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 import types
 from pathlib import Path
 
@@ -35,7 +35,7 @@ def fake_modules(monkeypatch):
         "ironcore.data.preprocess": types.SimpleNamespace(main=lambda argv: calls.setdefault("preprocess", argv) and 0),
         "ironcore.data.stats": types.SimpleNamespace(main=lambda argv: calls.setdefault("data-stats", argv) and 3),
     }
-    monkeypatch.setattr(cli, "_import_optional", lambda name: modules[name])
+    monkeypatch.setattr(cli, "_module", lambda name: modules[name])
     return calls
 
 
@@ -51,14 +51,6 @@ def test_train_spellings_reach_the_trainer_with_the_resolved_config(fake_modules
     assert (cfg.trainer.micro_batch_size, cfg.trainer.gradient_accumulation_steps, cfg.model.d_model) == (4, 2, 128)
 
 
-def test_train_without_trainer_validates_and_says_what_it_would_run(monkeypatch, cfg_file, capsys):
-    monkeypatch.setattr(cli, "_import_optional", lambda name: None)
-    assert cli.main([str(cfg_file)]) == 0
-    out = capsys.readouterr().out
-    assert "config is valid" in out and "batch: 8 = micro 2 × accumulation 4 × data 1" in out
-    assert "nothing was run" in out
-
-
 def test_eval_and_tools_dispatch(fake_modules, cfg_file):
     assert cli.main(["eval", str(cfg_file), "optim.max_lr=1e-4"]) == 0
     assert fake_modules["eval"].optim.max_lr == 1e-4
@@ -68,24 +60,18 @@ def test_eval_and_tools_dispatch(fake_modules, cfg_file):
     assert fake_modules["data-stats"] == ["out/x"]
 
 
-def test_missing_module_is_a_usage_error(monkeypatch, cfg_file, capsys):
-    monkeypatch.setattr(cli, "_import_optional", lambda name: None)
-    assert cli.main(["eval", str(cfg_file)]) == 2
-    assert cli.main(["data-stats", "x"]) == 2
+def test_run_time_failure_is_one_line_naming_the_rank(monkeypatch, cfg_file, capsys):
+    from ironcore.training.trainer import NonFiniteLossError
+
+    def train(cfg):
+        raise NonFiniteLossError("loss is nan at step 3 on rank 1")
+
+    monkeypatch.setattr(cli, "_module", lambda name: types.SimpleNamespace(train=train)
+                        if name == "ironcore.training.trainer" else importlib.import_module(name))
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main([str(cfg_file)]) == 1
     err = capsys.readouterr().err
-    assert "evaluation is not available yet" in err and "ironcore.data.stats is not available yet" in err
-
-
-def test_import_optional_only_hides_the_missing_module_itself(tmp_path, monkeypatch):
-    pkg = tmp_path / "clipkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "broken.py").write_text("import a_module_that_does_not_exist_anywhere\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert cli._import_optional("clipkg.absent") is None
-    with pytest.raises(ModuleNotFoundError):
-        cli._import_optional("clipkg.broken")  # a broken trainer must show its real error
-    sys.modules.pop("clipkg", None)
+    assert err == "ironcore train: rank 1: loss is nan at step 3 on rank 1\n"
 
 
 def test_config_prints_yaml_with_sources_that_reloads(cfg_file, tmp_path, capsys):
