@@ -58,8 +58,8 @@ def _planted_nan_worker(path: str) -> str:
     """Rank 1's loss becomes NaN in its third forward (= step 3); every rank must stop there."""
     original = ironcore.model.build_model
 
-    def build(cfg, pstate, vocab_size):
-        model = original(cfg, pstate, vocab_size)
+    def build(cfg, pstate, vocab_size, stage=None):
+        model = original(cfg, pstate, vocab_size, stage)
         if pstate.rank == 1:
             forward, calls = model.forward, [0]
 
@@ -101,9 +101,9 @@ def test_exit_interval_sigterm_resume_and_eval_command(tmp_path, monkeypatch, ca
 
     original = ironcore.model.build_model
 
-    def build_with_sigterm(cfg, pstate, vocab_size):
+    def build_with_sigterm(cfg, pstate, vocab_size, stage=None):
         # SIGTERM arrives in the run's 3rd forward: step 6's first micro-batch (accumulation 2).
-        model = original(cfg, pstate, vocab_size)
+        model = original(cfg, pstate, vocab_size, stage)
         forward, calls = model.forward, [0]
 
         def forward_then_signal(*args, **kwargs):

@@ -23,7 +23,9 @@ the optimizer state follows the weights into the new layout. The optimizer's par
 pipeline stage) and read back with ``torch.load(weights_only=True)``, not through DCP's pickle path.
 
 Names are layout-free too: layer indices are global (``layer_offset`` of a pipeline stage) and the
-last stage's copy of a tied embedding is saved under the embedding's name.
+last stage's copy of a tied embedding is saved under the embedding's name. A rank holding several
+pipeline chunks (interleaved schedule) passes them as an ``nn.ModuleList``: the chunk index that
+prefixes their names is dropped and each chunk's own ``layer_offset`` applies.
 """
 
 from __future__ import annotations
@@ -74,17 +76,27 @@ def _quiet_dcp():
         yield
 
 
+def _chunks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The pipeline chunks of this rank: the model itself, or the members of an ``nn.ModuleList``."""
+    return list(model) if isinstance(model, torch.nn.ModuleList) else [model]
+
+
 def global_namer(model: torch.nn.Module) -> Callable[[str], str]:
     """Maps a local parameter/state name to its layout-free name: layer indices made global
-    (``layer_offset`` of this pipeline stage), and the last stage's copy of a tied embedding
-    named as the embedding."""
+    (``layer_offset`` of this pipeline stage, or of chunk ``k`` for a name ``k.…`` of a
+    ``ModuleList`` of chunks), and the last stage's copy of a tied embedding named as the embedding."""
     shared = {n for n, p in _params(model).items() if getattr(p, "shared_embedding", False)}
-    offset = getattr(model, "layer_offset", 0)
+    chunked = isinstance(model, torch.nn.ModuleList)
+    offsets = [getattr(chunk, "layer_offset", 0) for chunk in _chunks(model)]
 
     def global_name(name: str) -> str:
         if name in shared:
             return _TIED_EMBEDDING
-        return _LAYER.sub(lambda m: f"layers.{int(m.group(1)) + offset}.", name)
+        chunk = 0
+        if chunked:
+            index, name = name.split(".", 1)
+            chunk = int(index)
+        return _LAYER.sub(lambda m: f"layers.{int(m.group(1)) + offsets[chunk]}.", name)
 
     return global_name
 
@@ -95,7 +107,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
-    vocab = getattr(model, "vocab_size", None)
+    vocab = getattr(_chunks(model)[0], "vocab_size", None)
     if not isinstance(vocab, int):
         raise TypeError(f"{type(model).__name__} has no integer `vocab_size` attribute (the real, unpadded "
                         "vocabulary): distributed checkpoints need it to drop the TP-dependent padding rows")
@@ -137,10 +149,10 @@ def _globalize(model: torch.nn.Module, model_sd: dict, optim_sd: Optional[dict],
     """The DCP state dict: every model and optimizer tensor under its global name, TP-split ones as
     views of their global tensor. Optimizer tensors shaped like their parameter (Adam's moments)
     are split like it; others (``step``) are replicated."""
-    if pstate.pp_size > 1 and not isinstance(getattr(model, "layer_offset", None), int):
+    if pstate.pp_size > 1 and not all(isinstance(getattr(c, "layer_offset", None), int) for c in _chunks(model)):
         raise TypeError(f"{type(model).__name__} has no integer `layer_offset`: with pipeline parallelism a "
-                        "distributed checkpoint needs one model per rank that knows its first global layer "
-                        "(virtual pipeline chunks are not supported yet)")
+                        "distributed checkpoint needs models (or a ModuleList of pipeline chunks) that know "
+                        "their first global layer")
     params = _params(model)
     vocab_size = _vocab_size(model) if any(getattr(p, "vocab_parallel", False) for p in params.values()) else None
 
@@ -181,7 +193,7 @@ def save(directory: Path, pstate, model: torch.nn.Module, optimizer) -> list[Pat
         if optim_sd is not None:
             groups = [{**g, "params": [global_name(n) for n in g["params"]]} for g in optim_sd["param_groups"]]
         stage = {"param_groups": groups,
-                 "vocab_size": getattr(model, "vocab_size", None),
+                 "vocab_size": getattr(_chunks(model)[0], "vocab_size", None),
                  "vocab_parallel": sorted({global_name(n) for n, p in _params(model).items()
                                            if getattr(p, "vocab_parallel", False)})}
         written.append(directory / _STAGE_FILE.format(pstate.pp_rank))

@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ironcore.checkpoint import distributed
 from ironcore.config import to_dict
+from ironcore.parallel.data_parallel import full_state_dict_options
 from ironcore.parallel.random import get_rng_tracker
 
 logger = logging.getLogger(__name__)
@@ -284,6 +285,8 @@ def _layout(cfg, pstate) -> dict:
 
 
 def _model_vocab_size(model: torch.nn.Module) -> Optional[int]:
+    if isinstance(model, torch.nn.ModuleList):  # a rank's pipeline chunks (interleaved schedule)
+        model = model[0]
     vocab = getattr(model, "vocab_size", None)
     return vocab if isinstance(vocab, int) else None
 
@@ -365,9 +368,9 @@ def _on_every_rank(pstate, action: Callable[[], Any]) -> list:
 
 def _save_single(tmp: Path, pstate, model, optimizer) -> dict[str, dict]:
     """Each (TP, PP) shard's weights and optimizer state, written by its DP rank 0."""
-    # Every rank builds the state dicts: under FSDP that gathers the shards (a collective);
-    # otherwise they are views of the live tensors, no copy.
-    options = StateDictOptions(full_state_dict=True)
+    # Every rank builds the state dicts: under FSDP that gathers the shards (a collective) to CPU
+    # on rank 0, the writer; otherwise they are views of the live tensors, no copy.
+    options = full_state_dict_options(model)
     shard = (pstate.tp_rank, pstate.pp_rank)
     contents = {model_file(*shard): get_model_state_dict(model, options=options)}
     if optimizer is not None:

@@ -172,6 +172,16 @@ class ParallelConfig:
         False, "Sequence parallelism: split norms/dropout activations along the sequence across the "
         "tensor-parallel group (saves activation memory; needs TP > 1 and seq length divisible by TP)",
         added=True)
+    # Added by IronCore: pipeline parallelism needs a schedule and, optionally, a layer layout.
+    pipeline_schedule: str = _f(
+        "1f1b", "Pipeline schedule when trainer.pipeline_model_parallel_size > 1 (`1f1b`, `gpipe`, `interleaved`; "
+        "interleaved needs virtual_pipeline_stages >= 2)", choices=["1f1b", "gpipe", "interleaved"], added=True)
+    virtual_pipeline_stages: int = _f(
+        1, "Model chunks per pipeline rank for the interleaved schedule (smaller bubble, more transfers)",
+        added=True, minimum=1)
+    pipeline_layer_split: Optional[list] = _f(
+        None, "Layers per pipeline stage, e.g. `[5, 7]` (`None`: num_layers split evenly; one entry per "
+        "pipeline_model_parallel_size × virtual_pipeline_stages stage, summing to num_layers)", added=True)
 
 
 @dataclass

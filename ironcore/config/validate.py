@@ -296,6 +296,58 @@ def _divides(errors: list[str], bad: set[str], prov: dict[str, str], key: str, v
     return False
 
 
+def _pipeline_layout(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
+    """Layers split evenly over pipeline_model_parallel_size × virtual_pipeline_stages stages, or
+    as ``parallel.pipeline_layer_split`` lists them; interleaving needs virtual stages."""
+    m, p = cfg.model, cfg.parallel
+    pp, virtual = cfg.trainer.pipeline_model_parallel_size, p.virtual_pipeline_stages
+    if (p.pipeline_schedule == "interleaved") != (virtual > 1) and pp > 1:
+        errors.append(f"parallel.pipeline_schedule = {p.pipeline_schedule} ({origin(prov['parallel.pipeline_schedule'])})"
+                      f" and parallel.virtual_pipeline_stages = {virtual} "
+                      f"({origin(prov['parallel.virtual_pipeline_stages'])}): the interleaved schedule needs "
+                      f"virtual_pipeline_stages >= 2, and only it uses them")
+    accumulation = cfg.trainer.gradient_accumulation_steps
+    if pp > 1 and isinstance(accumulation, int) and (accumulation < pp or (virtual > 1 and accumulation % pp)):
+        key = "trainer.gradient_accumulation_steps"
+        errors.append(f"{key} = {accumulation} ({origin(prov.get(key, 'default'))}): pipeline parallelism runs "
+                      f"at least pipeline_model_parallel_size = {pp} micro-batches per step"
+                      f"{' (a multiple of it when interleaved)' if virtual > 1 else ''}; raise "
+                      f"trainer.train_batch_size or gradient_accumulation_steps")
+    split = p.pipeline_layer_split
+    if split is None:
+        stages = "trainer.pipeline_model_parallel_size" + (" × parallel.virtual_pipeline_stages" if virtual > 1 else "")
+        _divides(errors, bad, prov, "model.num_layers", m.num_layers, pp * virtual, stages,
+                 " (or list the layers per stage in parallel.pipeline_layer_split)")
+    elif (len(split) != pp * virtual or not all(isinstance(n, int) and n >= 0 for n in split)
+          or sum(split) != m.num_layers):
+        errors.append(f"parallel.pipeline_layer_split = {split} ({origin(prov['parallel.pipeline_layer_split'])}): "
+                      f"must list {pp * virtual} non-negative layer counts (pipeline_model_parallel_size × "
+                      f"virtual_pipeline_stages) summing to model.num_layers = {m.num_layers}")
+
+
+def _fsdp_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
+    """What ``parallel.use_fsdp`` (FSDP2 over the data-parallel ranks) supports."""
+    p = cfg.parallel
+    fsdp = f"parallel.use_fsdp = true ({origin(prov['parallel.use_fsdp'])})"
+    for key in ("trainer.tensor_model_parallel_size", "trainer.pipeline_model_parallel_size"):
+        group, name = key.split(".")
+        if getattr(getattr(cfg, group), name) > 1:
+            errors.append(f"{key} = {getattr(getattr(cfg, group), name)} ({origin(prov[key])}): {fsdp} supports "
+                          f"only 1 (FSDP shards over data parallelism alone); use DDP (use_fsdp: false) with "
+                          f"tensor/pipeline parallelism")
+    if p.fsdp_state_dict_type != "full":
+        errors.append(f"parallel.fsdp_state_dict_type = {p.fsdp_state_dict_type} "
+                      f"({origin(prov['parallel.fsdp_state_dict_type'])}): with {fsdp} only 'full' is supported "
+                      f"(a single-file checkpoint that loads at any data-parallel size, with or without FSDP)")
+    if cfg.operation.save_dist_ckpt:
+        errors.append(f"operation.save_dist_ckpt = true ({origin(prov['operation.save_dist_ckpt'])}): not "
+                      f"supported with {fsdp}; FSDP checkpoints are single-file (parallel.fsdp_state_dict_type: full)")
+    if p.fsdp_mixed_precision == "fp16" and cfg.model.precision != "float16":
+        errors.append(f"parallel.fsdp_mixed_precision = fp16 ({origin(prov['parallel.fsdp_mixed_precision'])}) with "
+                      f"{fsdp} needs model.precision = float16 (got {cfg.model.precision}, "
+                      f"{origin(prov['model.precision'])}) so the loss is scaled against fp16 underflow")
+
+
 def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
     """Apply the cross-field rules and fill in derived values (see the module docstring)."""
     _launcher_env(cfg, prov, errors)
@@ -322,7 +374,9 @@ def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[s
                 _divides(errors, bad, prov, "model.num_attention_groups", m.num_attention_groups, tp,
                          "trainer.tensor_model_parallel_size")
     if pp_ok:
-        _divides(errors, bad, prov, "model.num_layers", m.num_layers, pp, "trainer.pipeline_model_parallel_size")
+        _pipeline_layout(cfg, prov, bad, errors)
+    if p.use_fsdp:
+        _fsdp_rules(cfg, prov, errors)
     if m.head_dim is None and "model.head_dim" not in bad:
         if _divides(errors, bad, prov, "model.d_model", m.d_model, m.num_attention_heads,
                     "model.num_attention_heads", " to derive model.head_dim (or set head_dim)"):

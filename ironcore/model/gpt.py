@@ -10,7 +10,8 @@ positional embedding, biases, tied embeddings, GQA). Layout of activations throu
     final norm ──head (vocab-parallel)──> logits [b, s, V/tp] ──vocab-parallel CE──> loss [b, s]
 
 Pipeline stages: a model built for pipeline rank ``p`` of ``P`` holds layers
-``[p·L/P, (p+1)·L/P)``; the first stage owns the embedding, the last the final norm and the head.
+``[p·L/P, (p+1)·L/P)``, or the layers of the `PipelineStage` it is given (``parallel.pipeline_layer_split``,
+virtual stages: `model_stages`); the first stage owns the embedding, the last the final norm and the head.
 A stage that is not first takes the previous stage's output through ``forward(hidden_states=...)``
 (layout of the residual stream above); a stage that is not last returns its hidden states.
 """
@@ -39,6 +40,7 @@ from ironcore.parallel.layers import (
     parallel_lm_logits,
 )
 from ironcore.parallel.mappings import scatter_to_sequence_parallel_region
+from ironcore.parallel.pipeline import PipelineStage, pipeline_stages
 from ironcore.parallel.random import get_rng_tracker, set_random_seed
 from ironcore.parallel.state import ParallelState
 
@@ -61,8 +63,9 @@ def resolved_head_dim(cfg: ModelConfig) -> int:
     return cfg.d_model // cfg.num_attention_heads
 
 
-def check_model_shapes(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
-    """Raise ValueError naming the keys when the model cannot be split as asked."""
+def check_model_shapes(cfg: ModelConfig, tp_size: int) -> None:
+    """Raise ValueError naming the keys when the model cannot be split over TP as asked (the
+    pipeline split is checked by `ironcore.parallel.pipeline.pipeline_stages`)."""
     heads = cfg.num_attention_heads
     groups = cfg.num_attention_groups or heads
     errors = []
@@ -76,9 +79,6 @@ def check_model_shapes(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
                       f"trainer.tensor_model_parallel_size ({tp_size})")
     if cfg.d_ffn % tp_size:
         errors.append(f"model.d_ffn ({cfg.d_ffn}) must be divisible by trainer.tensor_model_parallel_size ({tp_size})")
-    if cfg.num_layers % pp_size:
-        errors.append(f"model.num_layers ({cfg.num_layers}) must be divisible by "
-                      f"trainer.pipeline_model_parallel_size ({pp_size})")
     if errors:
         raise ValueError("invalid model shape: " + "; ".join(errors))
     resolved_head_dim(cfg)
@@ -118,7 +118,8 @@ class Embedding(nn.Module):
 class TransformerBlock(nn.Module):
     """Attention and MLP sublayers with residuals, pre-LN (``x + f(norm(x))``) or post-LN
     (``norm(x + f(x))``). Input and output: the residual stream (``[b, s, d]``, or ``[b, s/tp, d]``
-    under sequence parallelism). Call as ``block(hidden, rotary, attn_mask)``."""
+    under sequence parallelism). Call as ``block(hidden, rotary, attn_mask)`` (plus this layer's
+    KV cache when generating)."""
 
     def __init__(self, cfg: ModelConfig, pstate: ParallelState, sequence_parallel: bool, use_flash_attn: bool):
         super().__init__()
@@ -137,14 +138,14 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.d_ffn, cfg.activation_type, bias, pstate, sequence_parallel)
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor] = None, kv_cache=None) -> torch.Tensor:
         def drop(y: torch.Tensor, p: float) -> torch.Tensor:
             return _dropout(y, p, self.training, self.sequence_parallel)
 
         if self.post_ln:
-            x = self.attn_norm(x + drop(self.attention(x, rotary, attn_mask), self.dropout_attn))
+            x = self.attn_norm(x + drop(self.attention(x, rotary, attn_mask, kv_cache), self.dropout_attn))
             return self.mlp_norm(x + drop(self.mlp(x), self.dropout_mlp))
-        x = x + drop(self.attention(self.attn_norm(x), rotary, attn_mask), self.dropout_attn)
+        x = x + drop(self.attention(self.attn_norm(x), rotary, attn_mask, kv_cache), self.dropout_attn)
         return x + drop(self.mlp(self.mlp_norm(x)), self.dropout_mlp)
 
 
@@ -153,22 +154,25 @@ class GPTModel(nn.Module):
 
     Attributes: ``vocab_size`` (real), ``padded_vocab_size``, ``vocab_start`` (first id of this TP
     rank's shard), ``layer_offset`` (global index of ``layers[0]``), ``layers`` (``nn.ModuleList``).
-    Parameters are created uninitialised; `build_model` initialises them.
+    Parameters are created uninitialised; `build_model` initialises them. `stage` (default: this
+    pipeline rank's share of an even split) says which layers and ends of the model to hold.
     """
 
     def __init__(self, cfg: ModelConfig, pstate: ParallelState, vocab_size: int, *, vocab_padding_unit: int = 128,
-                 sequence_parallel: bool = False, use_flash_attn: bool = True):
+                 sequence_parallel: bool = False, use_flash_attn: bool = True, stage: Optional[PipelineStage] = None):
         super().__init__()
-        check_model_shapes(cfg, pstate.tp_size, pstate.pp_size)
+        check_model_shapes(cfg, pstate.tp_size)
+        if stage is None:
+            (stage,) = pipeline_stages(cfg.num_layers, pstate.pp_size, pstate.pp_rank)
         self.cfg = cfg
         self.tp_group = pstate.tp_group
         self.sequence_parallel = sequence_parallel and pstate.tp_size > 1
-        self.is_first_stage, self.is_last_stage = pstate.is_first_stage, pstate.is_last_stage
+        self.is_first_stage, self.is_last_stage = stage.is_first, stage.is_last
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded_vocab_size(vocab_size, vocab_padding_unit, pstate.tp_size)
         self.vocab_start = pstate.tp_rank * (self.padded_vocab_size // pstate.tp_size)
-        layers_per_stage = cfg.num_layers // pstate.pp_size
-        self.layer_offset = pstate.pp_rank * layers_per_stage
+        layers_per_stage = stage.num_layers
+        self.layer_offset = stage.layer_start
 
         self.embedding = Embedding(cfg, self.padded_vocab_size, pstate) if self.is_first_stage else None
         self.rotary = None
@@ -193,7 +197,7 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
-                hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+                hidden_states: Optional[torch.Tensor] = None, inference_cache=None) -> torch.Tensor:
         """Run this stage.
 
         Args:
@@ -202,6 +206,12 @@ class GPTModel(nn.Module):
             position_ids: ``[b, s]`` positions for RoPE / absolute embeddings (default ``arange(s)``).
             segment_ids: ``[b, s]``; tokens attend only to earlier tokens of the same segment.
             hidden_states: the previous pipeline stage's output (stages that are not first).
+            inference_cache: an ``ironcore.inference.kv_cache.InferenceCache`` for incremental
+                decoding: `input_ids` are the tokens after the ``inference_cache.length`` cached
+                ones, whose keys/values are reused and extended; position ids default to
+                ``length + arange(s)``; attention follows ``inference_cache.attention_mask``
+                (causal over the cache, padding masked). Not with `segment_ids` or sequence
+                parallelism.
 
         Returns:
             last stage: fp32 per-token loss ``[b, s]`` with `labels`, else logits
@@ -209,6 +219,12 @@ class GPTModel(nn.Module):
             states (``[b, s, d]``, or ``[b, s/tp, d]`` under sequence parallelism).
         """
         batch, seq = self._batch_shape(input_ids, hidden_states)
+        if inference_cache is not None:
+            if segment_ids is not None or self.sequence_parallel:
+                raise ValueError("inference_cache works without segment_ids and without sequence parallelism")
+            if position_ids is None:
+                device = input_ids.device if input_ids is not None else hidden_states.device
+                position_ids = inference_cache.default_position_ids(batch, seq, device)
         if position_ids is None:
             device = input_ids.device if input_ids is not None else hidden_states.device
             position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
@@ -224,8 +240,13 @@ class GPTModel(nn.Module):
 
         rotary = self.rotary(position_ids) if self.rotary is not None else None
         attn_mask = segment_causal_mask(segment_ids) if segment_ids is not None else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, rotary, attn_mask)
+        if inference_cache is not None:
+            attn_mask = inference_cache.attention_mask(seq)
+        for i, layer in enumerate(self.layers):
+            kv_cache = inference_cache.layers[i] if inference_cache is not None else None
+            hidden_states = layer(hidden_states, rotary, attn_mask, kv_cache)
+        if inference_cache is not None:
+            inference_cache.advance(seq)
         if not self.is_last_stage:
             return hidden_states
 
@@ -245,6 +266,14 @@ class GPTModel(nn.Module):
         tp = torch.distributed.get_world_size(self.tp_group) if self.sequence_parallel else 1
         return hidden_states.shape[0], hidden_states.shape[1] * tp
 
+    def shared_embedding_weight(self) -> Optional[nn.Parameter]:
+        """This stage's copy of a tied embedding split over the pipeline (the first stage's word
+        embedding, the last stage's head), whose gradient the pipeline sums over the embedding
+        group; None when the embedding is untied or this stage holds both ends."""
+        if self.cfg.untie_embed or self.is_first_stage == self.is_last_stage:
+            return None
+        return self.embedding.word_embeddings.weight if self.is_first_stage else self.output.weight
+
     def sync_sequence_parallel_grads(self) -> None:
         """Under sequence parallelism, all-reduce over TP the grads of replicated parameters that saw
         only this rank's sequence chunk (norms, row-parallel biases). Call after backward, before
@@ -253,15 +282,31 @@ class GPTModel(nn.Module):
             allreduce_sequence_parallel_grads(self.parameters(), self.tp_group)
 
 
-def build_model(cfg: Config, pstate: ParallelState, vocab_size: int) -> GPTModel:
+def model_stages(cfg: Config, pstate: ParallelState) -> list[PipelineStage]:
+    """The pipeline stages (model chunks) this rank holds, in order, as ``parallel`` lays them out:
+    ``virtual_pipeline_stages`` chunks of ``pipeline_layer_split`` layers (an even split when unset)."""
+    return pipeline_stages(cfg.model.num_layers, pstate.pp_size, pstate.pp_rank,
+                           cfg.parallel.virtual_pipeline_stages, cfg.parallel.pipeline_layer_split)
+
+
+def build_model(cfg: Config, pstate: ParallelState, vocab_size: int, stage: Optional[PipelineStage] = None) -> GPTModel:
     """Build this rank's part of the model (its pipeline stage, its TP shards), initialised from
     ``cfg.init`` identically at any TP/PP layout, on ``pstate.device`` with fp32 parameters.
 
     `vocab_size` is the real vocabulary; the model pads it (``trainer.vocab_padding_unit × TP``).
-    Also seeds torch and the TP-rank dropout RNG stream from ``init.seed``.
+    `stage` picks the pipeline stage, one of `model_stages` (default: this rank's only one; a rank
+    holding several chunks builds each with its stage). Also seeds torch and the TP-rank dropout RNG
+    stream from ``init.seed``.
     """
+    if stage is None:
+        stages = model_stages(cfg, pstate)
+        if len(stages) > 1:
+            raise ValueError(f"this rank holds {len(stages)} model chunks (parallel.virtual_pipeline_stages): "
+                             f"build each with build_model(..., stage) for stage in model_stages(cfg, pstate)")
+        stage = stages[0]
     model = GPTModel(cfg.model, pstate, vocab_size, vocab_padding_unit=cfg.trainer.vocab_padding_unit,
-                     sequence_parallel=cfg.parallel.sequence_parallel, use_flash_attn=cfg.trainer.use_flash_attn)
+                     sequence_parallel=cfg.parallel.sequence_parallel, use_flash_attn=cfg.trainer.use_flash_attn,
+                     stage=stage)
     aliases = {"output.weight": "embedding.word_embeddings.weight"} if not cfg.model.untie_embed else None
     init_parameters(model, cfg.init, num_layers=cfg.model.num_layers, vocab_size=vocab_size,
                     tp_rank=pstate.tp_rank, tp_size=pstate.tp_size, layer_offset=model.layer_offset,
@@ -273,3 +318,4 @@ def build_model(cfg: Config, pstate: ParallelState, vocab_size: int) -> GPTModel
                     "vocab %d padded to %d", len(model.layers), n_params / 1e6, pstate.tp_size, pstate.pp_size,
                     model.sequence_parallel, vocab_size, model.padded_vocab_size)
     return model.to(pstate.device)
+

@@ -23,8 +23,8 @@ Schedules over ``m`` micro-batches on ``p`` stages (``forward_backward``):
 
 The bubble of the non-interleaved schedules is ``(p − 1) / (m + p − 1)`` of the step.
 
-After the schedule, `finalize_model_grads` all-reduces gradients over the data-parallel group (for
-stages not wrapped in DDP) and sums the tied embedding's gradients between the first and last
+After the schedule, `finalize_model_grads` all-reduces gradients over the data-parallel group (with
+several stages, which are never wrapped in DDP: its hooks assume forward and backward alternate) and sums the tied embedding's gradients between the first and last
 stages over the embedding group (`build_embedding_group`), as Megatron does, so the two copies of a
 tied embedding receive the same update.
 
@@ -35,7 +35,7 @@ waits forever.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterator, Optional, Sequence
@@ -46,8 +46,6 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ironcore.parallel.state import ParallelState
-
-logger = logging.getLogger(__name__)
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 _FORWARD_TAG, _BACKWARD_TAG = 1, 2  # keep activations and gradients apart when both go to one peer
@@ -200,8 +198,8 @@ class _MicroBatches:
     """Draws micro-batches from the iterator on first use, so every chunk of this rank (and the
     shapes of transfers) see the same batch for the same index."""
 
-    def __init__(self, data_iterator: Iterator[dict], count: int):
-        self.iterator, self.count, self.cache, self.drawn = data_iterator, count, {}, 0
+    def __init__(self, data_iterator: Iterator[dict]):
+        self.iterator, self.cache, self.drawn = data_iterator, {}, 0
 
     def __getitem__(self, index: int) -> dict:
         while self.drawn <= index:
@@ -246,11 +244,8 @@ class _Runner:
                     output = loss / self.m
                     if self.scale_loss is not None:
                         output = self.scale_loss(output)
-        except PipelineError:
-            raise
         except Exception as e:
-            raise PipelineError(f"pipeline stage {self.stage_index(chunk)} (rank {self.pstate.rank}) failed in the "
-                                f"forward of micro-batch {microbatch}: {type(e).__name__}: {e}") from e
+            self.fail("forward", chunk, microbatch, e)
         if not self.forward_only:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -273,13 +268,20 @@ class _Runner:
             else:
                 torch.autograd.backward(output, grad_tensors=output_grad.to(output.dtype))
         except Exception as e:
-            raise PipelineError(f"pipeline stage {self.stage_index(chunk)} (rank {self.pstate.rank}) failed in the "
-                                f"backward of micro-batch {microbatch}: {type(e).__name__}: {e}") from e
+            self.fail("backward", chunk, microbatch, e)
         self.in_flight -= 1
         return None if input_tensor is None else input_tensor.grad
 
     def stage_index(self, chunk: int) -> int:
         return chunk * self.pstate.pp_size + self.pstate.pp_rank
+
+    def fail(self, phase: str, chunk: int, microbatch: int, error: Exception) -> None:
+        """Re-raise `error`: with several stages as a PipelineError naming the stage, the rank and
+        the micro-batch (the other ranks only see a transfer time out); unchanged with one stage."""
+        if self.pstate.pp_size == 1:
+            raise error
+        raise PipelineError(f"pipeline stage {self.stage_index(chunk)} (rank {self.pstate.rank}) failed in the "
+                            f"{phase} of micro-batch {microbatch}: {type(error).__name__}: {error}") from error
 
     def sendable(self, output: torch.Tensor) -> torch.Tensor:
         return output.detach().to(self.dtype).contiguous()
@@ -294,19 +296,20 @@ def _no_pipelining(run: _Runner) -> None:
     gradients only in the last micro-batch's backward (``no_sync`` on the others)."""
     model = run.chunks[0]
     for i in range(run.m):
-        skip_sync = hasattr(model, "no_sync") and i < run.m - 1 and not run.forward_only
-        with model.no_sync() if skip_sync else _nullcontext():
-            output = run.forward(0, i, None)
-            if not run.forward_only:
-                run.backward(0, i, None, output, None)
+        skip_sync = hasattr(model, "no_sync") and i < run.m - 1
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            run.backward(0, i, None, run.forward(0, i, None), None)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _forward_only(run: _Runner) -> None:
+    """Evaluation, any schedule and any number of micro-batches: each micro-batch passes through
+    the chunks in stage order (one chain of transfers, so no schedule is needed)."""
+    for i in range(run.m):
+        for c in range(run.num_chunks):
+            x = None if run.is_first(c) else run.p2p.exchange(recv_prev=run.shape(i))[0]
+            y = run.forward(c, i, x)
+            if not run.is_last(c):
+                run.p2p.exchange(send_next=run.sendable(y))
 
 
 def _gpipe(run: _Runner) -> None:
@@ -319,8 +322,6 @@ def _gpipe(run: _Runner) -> None:
         p2p.exchange(send_next=None if last else run.sendable(y))
         inputs.append(x)
         outputs.append(y)
-    if run.forward_only:
-        return
     for i in range(run.m):
         _, g = p2p.exchange(recv_next=None if last else run.shape(i))
         dx = run.backward(0, i, inputs[i], outputs[i], g)
@@ -333,7 +334,7 @@ def _one_f_one_b(run: _Runner) -> None:
     non-interleaved schedule): stage ``r`` holds at most ``p − r`` micro-batches' activations."""
     p2p, first, last = run.p2p, run.is_first(0), run.is_last(0)
     p, m = run.pstate.pp_size, run.m
-    warmup = m if run.forward_only else min(p - run.pstate.pp_rank - 1, m)
+    warmup = min(p - run.pstate.pp_rank - 1, m)
     inputs, outputs = [], []
     next_backward = 0  # the oldest micro-batch still waiting for its backward
 
@@ -358,8 +359,6 @@ def _one_f_one_b(run: _Runner) -> None:
         more = i + 1 < m
         x, _ = p2p.exchange(send_prev=None if first else dx,
                             recv_prev=run.shape(i + 1) if more and not first else None)
-    if run.forward_only:
-        return
     while next_backward < m:
         _, g = p2p.exchange(recv_next=None if last else run.shape(next_backward))
         dx = run.backward(0, next_backward, inputs.pop(0), outputs.pop(0), g)
@@ -375,7 +374,7 @@ def _interleaved(run: _Runner) -> None:
     p2p, p, v, m = run.p2p, run.pstate.pp_size, run.num_chunks, run.m
     rank, first_rank, last_rank = run.pstate.pp_rank, run.pstate.is_first_stage, run.pstate.is_last_stage
     total = m * v
-    if run.forward_only or m == p:
+    if m == p:
         warmup = total
     else:
         warmup = min((p - rank - 1) * 2 + (v - 1) * p, total)
@@ -407,9 +406,6 @@ def _interleaved(run: _Runner) -> None:
             add_input(c, None)
         y = run.forward(c, microbatch_of(k), inputs[c][-1])
         outputs[c].append(y)
-        if run.forward_only:
-            inputs[c].pop()
-            outputs[c].pop()
         return None if run.is_last(c) else run.sendable(y)
 
     def backward_k(k: int) -> Optional[torch.Tensor]:
@@ -425,14 +421,14 @@ def _interleaved(run: _Runner) -> None:
     def recv_shape_grad(chunk: int, wanted: bool) -> Optional[tuple]:
         return run.shape(seen_grads[chunk]) if wanted else None
 
-    x, _ = p2p.exchange(recv_prev=None if first_rank else run.shape(0))
-    add_input(0, x) if not first_rank else None
+    if not first_rank:
+        add_input(0, p2p.exchange(recv_prev=run.shape(0))[0])
 
     for k in range(warmup):
         y = forward_k(k)
         next_c = chunk_of(k + 1, True)
         recv_prev = not (first_rank and next_c == 0) and k != total - 1
-        if k == warmup - 1 and not run.forward_only and remaining > 0:
+        if k == warmup - 1 and remaining > 0:
             recv_next = not last_rank
             x, g = p2p.exchange(send_next=y, recv_prev=recv_shape_input(next_c, recv_prev),
                                 recv_next=recv_shape_grad(v - 1, recv_next))
@@ -470,8 +466,6 @@ def _interleaved(run: _Runner) -> None:
         if recv_next:
             add_grad(next_bc, g)
 
-    if run.forward_only:
-        return
     if remaining == 0:  # every forward ran in the warm-up: the first gradient is still to come
         _, g = p2p.exchange(recv_next=recv_shape_grad(v - 1, not last_rank))
         if not last_rank:
@@ -488,11 +482,13 @@ def _interleaved(run: _Runner) -> None:
 _SCHEDULE_FNS = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "interleaved": _interleaved}
 
 
-def check_schedule(schedule: str, pp_size: int, num_chunks: int, num_microbatches: int) -> None:
-    """Raise ValueError (naming the config keys) when the schedule cannot run this layout."""
+def check_schedule(schedule: str, pp_size: int, num_chunks: int, num_microbatches: int,
+                   forward_only: bool = False) -> None:
+    """Raise ValueError (naming the config keys) when the schedule cannot run this layout
+    (evaluation, ``forward_only``, runs any number of micro-batches)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"parallel.pipeline_schedule is {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    if pp_size > 1 and num_microbatches < pp_size:
+    if pp_size > 1 and num_microbatches < pp_size and not forward_only:
         raise ValueError(
             f"pipeline parallelism needs at least as many micro-batches as stages: "
             f"trainer.gradient_accumulation_steps is {num_microbatches} but trainer.pipeline_model_parallel_size "
@@ -501,7 +497,7 @@ def check_schedule(schedule: str, pp_size: int, num_chunks: int, num_microbatche
         if pp_size == 1 or num_chunks < 2:
             raise ValueError("parallel.pipeline_schedule: interleaved needs trainer.pipeline_model_parallel_size > 1 "
                              f"and parallel.virtual_pipeline_stages >= 2 (got {pp_size} and {num_chunks})")
-        if num_microbatches % pp_size:
+        if num_microbatches % pp_size and not forward_only:
             raise ValueError(
                 f"parallel.pipeline_schedule: interleaved needs trainer.gradient_accumulation_steps "
                 f"({num_microbatches}) to be a multiple of trainer.pipeline_model_parallel_size ({pp_size})")
@@ -534,7 +530,7 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
             autocast for mixed precision).
         dtype: dtype of the hidden states on the wire (outputs are cast to it).
         scale_loss: applied to ``loss / num_microbatches`` before backward (fp16 loss scaling).
-        forward_only: no backward (evaluation).
+        forward_only: no backward (evaluation; any number of micro-batches, any schedule).
         timeout_minute: how long a transfer may wait for a neighbouring stage.
         stats: when given, filled with ``max_in_flight``: the most micro-batches whose activations
             this rank held at once.
@@ -545,8 +541,8 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
         ``.grad`` as the sum over micro-batches of ``loss / num_microbatches``.
     """
     chunks = list(model_chunks)
-    check_schedule(schedule, pstate.pp_size, len(chunks), num_microbatches)
-    batches = _MicroBatches(data_iterator, num_microbatches)
+    check_schedule(schedule, pstate.pp_size, len(chunks), num_microbatches, forward_only)
+    batches = _MicroBatches(data_iterator)
     shape_fn = lambda batch: activation_shape(batch, hidden_size, pstate.tp_size, sequence_parallel)  # noqa: E731
     p2p = None
     if pstate.pp_size > 1:
@@ -556,7 +552,9 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
         p2p = _P2P(pstate, dtype, timedelta(minutes=timeout_minute))
     run = _Runner(chunks, batches, pstate, loss_fn, forward_step, p2p, shape_fn, dtype, scale_loss, forward_only,
                   num_microbatches)
-    if pstate.pp_size == 1:
+    if forward_only:
+        _forward_only(run)
+    elif pstate.pp_size == 1:
         _no_pipelining(run)
     else:
         _SCHEDULE_FNS[schedule](run)
@@ -589,27 +587,21 @@ def build_embedding_group(pstate: ParallelState, tied_embeddings: bool) -> Optio
     return mine
 
 
-def _tied_embedding_weight(chunks: Sequence[nn.Module], pstate: ParallelState) -> Optional[nn.Parameter]:
-    """This rank's copy of the tied embedding: the first stage's word embedding, or the last
-    stage's head (``shared_embedding``)."""
-    if pstate.is_first_stage:
-        return chunks[0].embedding.word_embeddings.weight
-    if pstate.is_last_stage:
-        return next(p for p in chunks[-1].parameters() if getattr(p, "shared_embedding", False))
-    return None
-
-
 def finalize_model_grads(model_chunks: Sequence[nn.Module], pstate: ParallelState,
                          embedding_group: Optional[dist.ProcessGroup] = None) -> None:
     """Complete the gradients after `forward_backward`, before clipping and the optimizer step:
 
-    1. average over the data-parallel group (chunks not wrapped in DDP; one flat all-reduce per dtype);
+    1. with several stages, average over the data-parallel group (one flat all-reduce per dtype;
+       pipeline stages are never DP-wrapped). With one stage the DP wrapper (DDP, FSDP) has already
+       reduced in backward, so nothing is done here;
     2. sum the tied embedding's gradient of the first and last stages over ``embedding_group``
-       (`build_embedding_group`), so both copies take the same step.
+       (`build_embedding_group`), so both copies take the same step. The copies are what the
+       first chunk of the first stage and the last chunk of the last stage return from
+       ``shared_embedding_weight()``.
     """
     chunks = list(model_chunks)
-    if pstate.dp_group is not None and pstate.dp_size > 1:
-        grads = [p.grad for c in chunks if not hasattr(c, "no_sync") for p in c.parameters() if p.grad is not None]
+    if pstate.pp_size > 1 and pstate.dp_group is not None:
+        grads = [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
         for dtype in {g.dtype for g in grads}:
             group = [g for g in grads if g.dtype == dtype]
             flat = _flatten_dense_tensors(group)
@@ -618,17 +610,25 @@ def finalize_model_grads(model_chunks: Sequence[nn.Module], pstate: ParallelStat
             for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
                 grad.copy_(reduced)
     if embedding_group is not None:
-        weight = _tied_embedding_weight(chunks, pstate)
+        weight = (chunks[0] if pstate.is_first_stage else chunks[-1]).shared_embedding_weight()
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=embedding_group)
 
 
-def last_stage_mean(losses: list[torch.Tensor], pstate: ParallelState, device: torch.device) -> torch.Tensor:
-    """The mean of the last stage's per-micro-batch losses, on every rank of the pipeline group
-    (so rank 0 can log it and every rank sees a NaN). Collective over the pipeline group."""
-    value = torch.stack(losses).float().mean() if losses else torch.zeros((), device=device)
-    if pstate.pp_size > 1:
-        value = value.to(device).clone()
-        dist.broadcast(value, dist.get_process_group_ranks(pstate.pp_group)[-1], group=pstate.pp_group)
+def broadcast_from_last_stage(value: torch.Tensor, pstate: ParallelState) -> torch.Tensor:
+    """The last stage's `value` on every rank of the pipeline group (other stages pass a tensor
+    of the same shape and dtype). Collective over the pipeline group; identity with one stage."""
+    if pstate.pp_size == 1:
+        return value
+    value = value.to(pstate.device).clone()
+    dist.broadcast(value, dist.get_process_group_ranks(pstate.pp_group)[-1], group=pstate.pp_group)
     return value
+
+
+def last_stage_mean(losses: list[torch.Tensor], pstate: ParallelState, device: torch.device) -> torch.Tensor:
+    """The mean of the last stage's per-micro-batch losses (from `forward_backward`), on every rank
+    of the pipeline group, so rank 0 can log it and every rank sees a NaN. Collective over the
+    pipeline group."""
+    value = torch.stack(losses).float().mean() if losses else torch.zeros((), device=device)
+    return broadcast_from_last_stage(value, pstate)

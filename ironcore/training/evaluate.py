@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ironcore.config import Config
+from ironcore.parallel import pipeline
 from ironcore.training.precision import autocast
 
 logger = logging.getLogger(__name__)
@@ -36,21 +37,34 @@ def evaluate(model: nn.Module, dataset, num_samples: int, micro_batch_size: int,
              precision: str) -> Optional[tuple[float, float]]:
     """Token-averaged loss and perplexity over the first ``num_samples`` samples of ``dataset``
     (rounded up to whole micro-batches on every DP rank), the same samples at every call.
-    Returns None for an empty dataset or ``num_samples == 0``. Collective over the DP group."""
+    Returns None for an empty dataset or ``num_samples == 0``. Collective over the DP group, and
+    over the pipeline: `model` is this rank's stage (an ``nn.ModuleList`` of its chunks when it
+    holds several), run forward-only through ``ironcore.parallel.pipeline``."""
     from ironcore.data import build_loader
 
     if dataset is None or len(dataset) == 0 or num_samples == 0:
         return None
     draws = math.ceil(min(num_samples, len(dataset)) / (micro_batch_size * pstate.dp_size))
     loader = build_loader(dataset, micro_batch_size, pstate.dp_rank, pstate.dp_size, seed=0, shuffle=False)
+    chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
+
+    def forward_step(chunk: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
+        with autocast(precision, pstate.device):
+            return pipeline.default_forward_step(chunk, batch, hidden_states)
+
+    def loss_sums(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        mask = batch["loss_mask"].to(pstate.device)
+        return torch.stack([(per_token.float() * mask).sum().double(), mask.sum().double()])
+
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=pstate.device)
-    for _ in range(draws):
-        with autocast(precision, pstate.device):
-            loss_sum, tokens = masked_loss_sums(model, next(loader), pstate.device)
-        totals += torch.stack([loss_sum.double(), tokens.double()])
+    sums = pipeline.forward_backward("interleaved" if len(chunks) > 1 else "1f1b", chunks, loader, draws, pstate,
+                                     loss_sums, hidden_size=chunks[0].cfg.d_model,
+                                     sequence_parallel=chunks[0].sequence_parallel, forward_step=forward_step,
+                                     forward_only=True)
     model.train(was_training)
+    totals = torch.stack(sums).sum(0) if sums else torch.zeros(2, dtype=torch.float64, device=pstate.device)
+    totals = pipeline.broadcast_from_last_stage(totals, pstate)
     if pstate.dp_group is not None:
         dist.all_reduce(totals, group=pstate.dp_group)
     loss = (totals[0] / totals[1].clamp(min=1)).item()

@@ -5,11 +5,17 @@ data-parallel size`` sequences:
 
 1. each of the ``gradient_accumulation_steps`` micro-batches runs forward under autocast and
    backward on ``loss / accumulation`` (scaled for fp16), where ``loss = Σ per-token loss × loss_mask
-   / Σ loss_mask``. The model is wrapped in ``DistributedDataParallel`` over the DP group; gradient
-   all-reduce happens only on the last micro-batch (``no_sync()`` on the others), so DP=2 computes
-   exactly what DP=1 with twice the accumulation does;
+   / Σ loss_mask``, through ``ironcore.parallel.pipeline.forward_backward``: micro-batch by
+   micro-batch on one stage, or the ``parallel.pipeline_schedule`` (1F1B, GPipe, interleaved) over
+   ``trainer.pipeline_model_parallel_size`` stages, whose last stage computes the loss. With one stage
+   the model is wrapped in ``DistributedDataParallel`` over the DP group; gradient all-reduce happens
+   only on the last micro-batch (``no_sync()`` on the others), so DP=2 computes exactly what DP=1 with
+   twice the accumulation does. With several stages the chunks are plain modules and
+   ``pipeline.finalize_model_grads`` averages their grads over DP and sums a tied embedding's grads
+   between the first and last stages;
 2. under sequence parallelism the TP-replicated grads are all-reduced (``sync_sequence_parallel_grads``);
-3. the step's loss is averaged over the DP group (not the world: TP ranks hold the same loss) and a
+3. the step's loss (the last stage's, broadcast over the pipeline) is averaged over the DP group
+   (not the world: TP ranks hold the same loss) and a
    NaN/inf loss on any rank stops the run, naming the step and the rank, before the weights change;
 4. gradients are unscaled (fp16), clipped to ``optim.clip_grad`` by their global norm (TP shards summed,
    TP-replicated parameters counted once, pipeline stages summed), and the optimizer and LR schedule step.
@@ -24,7 +30,6 @@ run saves and exits cleanly at the next step boundary); log per ``trainer.log_in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -45,8 +50,9 @@ from ironcore.config import Config, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.profiling import Profiler, nvtx_range
+from ironcore.parallel import pipeline
 from ironcore.parallel.state import ParallelState, destroy_distributed, init_distributed
-from ironcore.training.evaluate import evaluate, masked_loss_sums
+from ironcore.training.evaluate import evaluate
 from ironcore.training.optimizer import build_optimizer
 from ironcore.training.precision import autocast, build_grad_scaler, compute_dtype
 from ironcore.training.recompute import apply_activation_recompute
@@ -131,13 +137,10 @@ class Trainer:
     def __init__(self, cfg: Config, pstate: ParallelState):
         from ironcore.checkpoint.io import load_checkpoint
         from ironcore.data import build_datasets, build_loader, build_tokenizer, resolve_vocab_size
-        from ironcore.model import build_model
+        from ironcore.model import build_model, model_stages
 
         self.cfg, self.pstate = cfg, pstate
         _configure_logging(cfg.utils.log_level, pstate.rank)
-        if pstate.pp_size > 1:
-            raise ValueError("trainer.pipeline_model_parallel_size > 1: the training loop does not run "
-                             "pipeline schedules yet; use tensor and data parallelism")
         if cfg.data.task_type == "dpo":
             raise ValueError("data.task_type: dpo needs a preference loss the trainer does not have yet; "
                              "allowed here: pretrain, sft")
@@ -146,8 +149,12 @@ class Trainer:
         tokenizer = build_tokenizer(cfg.model)
         self.vocab_size = resolve_vocab_size(cfg, tokenizer)
         self.datasets = build_datasets(cfg, tokenizer)
-        self.model = build_model(cfg, pstate, self.vocab_size)
-        apply_activation_recompute(self.model, cfg.operation)
+        # This rank's pipeline chunks: one, or several under the interleaved schedule. `self.model`
+        # is what the optimizer, checkpoints and evaluation see.
+        self.chunks = [build_model(cfg, pstate, self.vocab_size, stage) for stage in model_stages(cfg, pstate)]
+        self.model = self.chunks[0] if len(self.chunks) == 1 else nn.ModuleList(self.chunks)
+        for chunk in self.chunks:
+            apply_activation_recompute(chunk, cfg.operation)
         self.optimizer = build_optimizer(self.model, cfg.optim, pstate.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.operation.train_steps)
         self.scaler = build_grad_scaler(cfg.model.precision, pstate.device)
@@ -155,20 +162,28 @@ class Trainer:
         resumed = load_checkpoint(cfg, pstate, self.model, self.optimizer, self.scheduler, self.scaler) \
             if cfg.trainer.model_path else None
         self.scheduler.apply()  # the optimizer's lr must follow the (possibly fresh) schedule
+        if self.scaler is not None and pstate.pp_size > 1:
+            # Only the last stage scales a loss, but every stage unscales its (scaled) gradients:
+            # make the scaler hold its scale on every rank.
+            self.scaler.scale(torch.zeros((), device=pstate.device))
         self.step = resumed["iteration"] if resumed else 0
         consumed = resumed["data_state"]["consumed_samples"] if resumed else 0
         self.loader = build_loader(self.datasets["train"], cfg.trainer.micro_batch_size, pstate.dp_rank,
                                    pstate.dp_size, cfg.init.seed, consumed_samples=consumed)
 
         if cfg.trainer.compile_model:
-            self.model.compile()  # in place: parameter names (and checkpoints) are unchanged
-        self.ddp: nn.Module = self.model
-        if pstate.dp_group is not None:
-            self.ddp = DistributedDataParallel(
+            for chunk in self.chunks:
+                chunk.compile()  # in place: parameter names (and checkpoints) are unchanged
+        # What the schedule runs: one stage is wrapped in DDP over the DP group; pipeline stages are
+        # not (DDP's hooks assume forward and backward alternate; finalize_model_grads reduces).
+        self.stages: list[nn.Module] = list(self.chunks)
+        if pstate.dp_group is not None and pstate.pp_size == 1:
+            self.stages = [DistributedDataParallel(
                 self.model, process_group=pstate.dp_group,
-                device_ids=[pstate.device] if pstate.device.type == "cuda" else None)
+                device_ids=[pstate.device] if pstate.device.type == "cuda" else None)]
+        self.embedding_group = pipeline.build_embedding_group(pstate, not cfg.model.untie_embed)
 
-        flops = metrics.model_flops_per_token(cfg.model, self.model.padded_vocab_size, cfg.model.max_seq_len)
+        flops = metrics.model_flops_per_token(cfg.model, self.chunks[0].padded_vocab_size, cfg.model.max_seq_len)
         peak = metrics.device_peak_flops(pstate.device, compute_dtype(cfg.model.precision))
         self.throughput = metrics.Throughput(flops, peak, pstate.world_size)
         self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg))
@@ -182,29 +197,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _micro_batches(self):
-        accumulation = self.cfg.trainer.gradient_accumulation_steps
-        for i in range(accumulation):
-            last = i == accumulation - 1
-            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
-            yield next(self.loader), sync
+    def _forward_step(self, model: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
+        with autocast(self.cfg.model.precision, self.pstate.device), nvtx_range("forward"):
+            return pipeline.default_forward_step(model, batch, hidden_states)
+
+    def _masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        mask = batch["loss_mask"].to(self.pstate.device)
+        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
 
     def forward_backward(self) -> tuple[torch.Tensor, int]:
-        """Forward and backward over the step's micro-batches; returns (this rank's mean loss,
-        this rank's token count)."""
-        accumulation = self.cfg.trainer.gradient_accumulation_steps
-        losses, tokens = [], 0
-        for batch, sync in self._micro_batches():
-            with sync:
-                with autocast(self.cfg.model.precision, self.pstate.device), nvtx_range("forward"):
-                    loss_sum, mask_sum = masked_loss_sums(self.ddp, batch, self.pstate.device)
-                    loss = loss_sum / mask_sum.clamp(min=1)
-                scaled = loss / accumulation
-                with nvtx_range("backward"):
-                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            losses.append(loss.detach())
-            tokens += batch["input_ids"].numel()
-        return torch.stack(losses).mean(), tokens
+        """Forward and backward over the step's micro-batches; returns (the step's mean loss, the
+        last stage's, on every stage; this rank's token count)."""
+        cfg, pstate = self.cfg, self.pstate
+        tokens = 0
+
+        def micro_batches():
+            nonlocal tokens
+            while True:
+                batch = next(self.loader)
+                tokens += batch["input_ids"].numel()
+                yield batch
+
+        losses = pipeline.forward_backward(
+            cfg.parallel.pipeline_schedule, self.stages, micro_batches(), cfg.trainer.gradient_accumulation_steps,
+            pstate, self._masked_mean, hidden_size=cfg.model.d_model, sequence_parallel=cfg.parallel.sequence_parallel,
+            forward_step=self._forward_step, scale_loss=self.scaler.scale if self.scaler is not None else None,
+            timeout_minute=cfg.parallel.timeout_minute)
+        return pipeline.last_stage_mean(losses, pstate, pstate.device), tokens
 
     def _check_and_average(self, local_loss: torch.Tensor, stop: "_StopSignal") -> tuple[float, bool]:
         """DP-averaged loss; raises on a non-finite loss anywhere. Also agrees across all ranks on
@@ -233,8 +252,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         local_loss, tokens = self.forward_backward()
         loss, signalled = self._check_and_average(local_loss, stop)
-        if getattr(self.model, "sequence_parallel", False):
-            self.model.sync_sequence_parallel_grads()
+        for chunk in self.chunks:
+            chunk.sync_sequence_parallel_grads()
+        pipeline.finalize_model_grads(self.stages, self.pstate, self.embedding_group)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
