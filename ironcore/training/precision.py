@@ -6,8 +6,8 @@ model's per-token loss is computed in fp32. ``float16`` additionally needs dynam
 (gradients of small losses underflow in fp16): a ``torch.amp.GradScaler`` scales the loss, unscales
 the gradients before clipping and skips the optimizer step (halving the scale) when any gradient
 is inf/NaN. With several processes the inf check must agree on every rank — a TP or PP rank whose
-shard overflowed has to make all ranks skip — so the scaler all-reduces its found-inf flag over
-the world group (torch's ``ShardedGradScaler``, which does exactly that for any optimizer).
+shard overflowed has to make all ranks skip — so the scaler max-reduces its found-inf flags over
+the world group (`DistributedGradScaler`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,29 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class DistributedGradScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` whose inf/NaN verdict is the same on every rank.
+
+    After unscaling, the found-inf flags are max-reduced over ``group``, so one rank's overflow makes
+    every rank skip the step and halve the scale together (otherwise replicas would diverge).
+    torch's ``ShardedGradScaler`` does the same reduction but keeps 1-element flags, which torch's
+    fused Adam rejects (it needs 0-d flags); this keeps GradScaler's own 0-d flags.
+    """
+
+    def __init__(self, device: str, group: dist.ProcessGroup | None = None):
+        super().__init__(device)
+        self.group = group
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.group)
+
+
 def build_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """A dynamic loss scaler for ``float16``; ``None`` for bf16/fp32 (their range needs none)."""
     if compute_dtype(precision) != torch.float16:
         return None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        return ShardedGradScaler(device=device.type, process_group=dist.group.WORLD)
+        return DistributedGradScaler(device.type, group=dist.group.WORLD)
     return torch.amp.GradScaler(device.type)
