@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
 from torch.nn.parallel import DistributedDataParallel
 
 import ironcore.checkpoint.io as ckpt_io
 from ironcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ironcore.checkpoint.distributed import global_namer, to_single_file
-from tools.convert_checkpoint import main as convert_tool
 from ironcore.checkpoint.io import read_latest
 from ironcore.config.schema import Config, ModelConfig, PositionalEmbeddingConfig
 from ironcore.model.gpt import build_model
@@ -31,6 +32,7 @@ from ironcore.parallel.state import init_distributed
 from ironcore.training.optimizer import build_optimizer
 from ironcore.training.scheduler import build_scheduler
 from tests.multiproc import run_distributed
+from tools.convert_checkpoint import main as convert_tool
 
 VOCAB = 100  # padded to 128 at TP=1, 256 at TP=2: TP rank 1 holds padding rows only
 BATCH, SEQ = 2, 8
@@ -163,6 +165,17 @@ def test_tp2_distributed_checkpoint_loads_at_tp1_and_tp2_dp2(tmp_path):
     assert convert_tool(["--from", "ironcore", "--to", "single", "--input",
                          str(tmp_path / "dist" / second / "iter_0000001"),
                          "--output", str(tmp_path / "single" / second)]) == 0
+    # The distributed checkpoint exports to Hugging Face: HF's logits give the saved model's loss.
+    batch = _batch(2)
+    for name in MODELS:
+        hf_dir = tmp_path / "hf" / name
+        assert convert_tool(["--from", "ironcore", "--input", str(tmp_path / "dist" / name),
+                             "--output", str(hf_dir)]) == 0
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        with torch.no_grad():
+            logits = hf(batch["input_ids"]).logits.float()
+        hf_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)).item()
+        assert hf_loss == pytest.approx(saved[name][0], abs=1e-5), name
 
     tp1 = run_distributed(_load, 1, tmp_path / "dist", 1, tmp_path / "single")[0]
     tp2_dp2 = run_distributed(_load, 4, tmp_path / "dist", 2, None)
