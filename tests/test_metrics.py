@@ -63,6 +63,10 @@ def test_cpu_peak_is_a_measured_and_cached_gemm_rate_per_dtype():
     assert metrics.device_peak_flops(torch.device("cpu"), torch.float32) == first
     bf16 = metrics.device_peak_flops(torch.device("cpu"), torch.bfloat16)
     assert 1e8 < bf16 < 1e14 and metrics.device_peak_flops(torch.device("cpu"), torch.bfloat16) == bf16
+    # The ceiling is never below the fp32 rate, so a slow reduced-precision GEMM cannot push MFU past 1.
+    fp16 = metrics.device_peak_flops(torch.device("cpu"), torch.float16)
+    assert fp16 >= first and bf16 >= first
+    assert fp16 == max(first, metrics.measured_cpu_gemm_flops(torch.float16))
 
 
 def test_throughput_reports_tokens_tflops_and_mfu():

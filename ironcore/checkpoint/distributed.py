@@ -15,7 +15,11 @@ What is saved is the layout-free, global view of every tensor:
   ``[vocab_size, ...]``; the padding rows are never stored, and a loading layout keeps its own
   padding rows as built (they never receive probability mass);
 * a replicated tensor (norms, row-parallel biases, Adam's ``step``) is saved once (DCP removes the
-  duplicates of the other TP/DP ranks).
+  duplicates of the other TP/DP ranks);
+* an FSDP shard (``parallel.use_fsdp``: a ``DTensor`` over the DP ranks, TP = 1) is written by the
+  rank that holds it (DCP reads and writes DTensors natively); a vocabulary one is gathered first
+  to cut its padding rows (FSDP's even shards cannot end at the real vocabulary), and on load
+  each rank copies its rows back into its shard.
 
 Adam's ``exp_avg``/``exp_avg_sq`` have the shape of their parameter and are saved the same way, so
 the optimizer state follows the weights into the new layout. The optimizer's param-group settings
@@ -48,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ironcore.model.gpt import padded_vocab_size
 
@@ -145,10 +150,31 @@ def _to_global(local: torch.Tensor, param: torch.nn.Parameter, pstate, vocab_siz
     return ShardedTensor._init_from_local_shards_and_global_metadata(mine, metadata)
 
 
-def _globalize(model: torch.nn.Module, model_sd: dict, optim_sd: Optional[dict], pstate) -> dict:
+def _fsdp_global(shard: DTensor, param: torch.nn.Parameter, vocab_size: Optional[int],
+                 gathered: Optional[list]) -> torch.Tensor:
+    """An FSDP shard as saved: itself, or for a vocabulary tensor the gathered whole cut at the real
+    vocabulary. ``gathered`` (on load) receives the (shard, whole) pairs for `_scatter_gathered`."""
+    if not getattr(param, "vocab_parallel", False):
+        return shard
+    whole = shard.full_tensor()
+    if gathered is not None:
+        gathered.append((shard, whole))
+    return whole[:vocab_size]
+
+
+def _scatter_gathered(gathered: list) -> None:
+    """After a load: this rank's rows of each gathered vocabulary tensor back into its FSDP shard."""
+    with torch.no_grad():
+        for shard, whole in gathered:
+            mine = distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None)
+            shard.to_local().copy_(mine.to_local())
+
+
+def _globalize(model: torch.nn.Module, model_sd: dict, optim_sd: Optional[dict], pstate,
+               gathered: Optional[list] = None) -> dict:
     """The DCP state dict: every model and optimizer tensor under its global name, TP-split ones as
-    views of their global tensor. Optimizer tensors shaped like their parameter (Adam's moments)
-    are split like it; others (``step``) are replicated."""
+    views of their global tensor, FSDP shards as `_fsdp_global` says. Optimizer tensors shaped like
+    their parameter (Adam's moments) are split like it; others (``step``) are replicated."""
     if pstate.pp_size > 1 and not all(isinstance(getattr(c, "layer_offset", None), int) for c in _chunks(model)):
         raise TypeError(f"{type(model).__name__} has no integer `layer_offset`: with pipeline parallelism a "
                         "distributed checkpoint needs models (or a ModuleList of pipeline chunks) that know "
@@ -160,6 +186,8 @@ def _globalize(model: torch.nn.Module, model_sd: dict, optim_sd: Optional[dict],
         param = params.get(name)
         if param is None or value.shape != param.shape:
             return value
+        if isinstance(value, DTensor):
+            return _fsdp_global(value, param, vocab_size, gathered)
         return _to_global(value, param, pstate, vocab_size)
 
     global_name = global_namer(model)
@@ -215,9 +243,12 @@ def load(directory: Path, pstate, model: torch.nn.Module, optimizer) -> None:
     model_sd = get_model_state_dict(model)
     optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
     # DCP copies into the tensors (the local shards) of this dict in place: model_sd and optim_sd
-    # hold the same tensors and are filled by this call.
+    # hold the same tensors and are filled by this call (gathered FSDP vocabulary tensors: after it).
+    gathered: list = []
     with _quiet_dcp():
-        dcp.load(_globalize(model, model_sd, optim_sd, pstate), storage_reader=dcp.FileSystemReader(directory))
+        dcp.load(_globalize(model, model_sd, optim_sd, pstate, gathered),
+                 storage_reader=dcp.FileSystemReader(directory))
+    _scatter_gathered(gathered)
     set_model_state_dict(model, model_sd)
     if optim_sd is not None:
         first_stage = directory / _STAGE_FILE.format(0)

@@ -335,13 +335,15 @@ def _fsdp_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
             errors.append(f"{key} = {getattr(getattr(cfg, group), name)} ({origin(prov[key])}): {fsdp} supports "
                           f"only 1 (FSDP shards over data parallelism alone); use DDP (use_fsdp: false) with "
                           f"tensor/pipeline parallelism")
-    if p.fsdp_state_dict_type != "full":
-        errors.append(f"parallel.fsdp_state_dict_type = {p.fsdp_state_dict_type} "
-                      f"({origin(prov['parallel.fsdp_state_dict_type'])}): with {fsdp} only 'full' is supported "
-                      f"(a single-file checkpoint that loads at any data-parallel size, with or without FSDP)")
-    if cfg.operation.save_dist_ckpt:
-        errors.append(f"operation.save_dist_ckpt = true ({origin(prov['operation.save_dist_ckpt'])}): not "
-                      f"supported with {fsdp}; FSDP checkpoints are single-file (parallel.fsdp_state_dict_type: full)")
+    state_dict = (f"parallel.fsdp_state_dict_type = {p.fsdp_state_dict_type} "
+                  f"({origin(prov['parallel.fsdp_state_dict_type'])})")
+    if p.fsdp_state_dict_type == "local":
+        errors.append(f"{state_dict}: not supported with {fsdp}; use full (single-file checkpoints) or sharded "
+                      f"(distributed checkpoints, with operation.save_dist_ckpt: true)")
+    elif (p.fsdp_state_dict_type == "sharded") != cfg.operation.save_dist_ckpt:
+        errors.append(f"{state_dict} and operation.save_dist_ckpt = {describe(cfg.operation.save_dist_ckpt)} "
+                      f"({origin(prov['operation.save_dist_ckpt'])}) disagree: with {fsdp} the checkpoint is "
+                      f"single-file for full (save_dist_ckpt: false), distributed for sharded (save_dist_ckpt: true)")
     if p.fsdp_mixed_precision == "fp16" and cfg.model.precision != "float16":
         errors.append(f"parallel.fsdp_mixed_precision = fp16 ({origin(prov['parallel.fsdp_mixed_precision'])}) with "
                       f"{fsdp} needs model.precision = float16 (got {cfg.model.precision}, "

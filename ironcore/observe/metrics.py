@@ -23,6 +23,7 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ironcore.config.schema import ModelConfig
 
@@ -103,10 +104,12 @@ def measured_cpu_gemm_flops(dtype: torch.dtype = torch.float32) -> float:
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float | None:
-    """Peak FLOP/s of one device for MFU: the GPU table (dense bf16, whatever ``dtype``), the
-    measured GEMM rate in ``dtype`` on CPU, None if unknown."""
+    """Peak FLOP/s of one device for MFU: the GPU table (dense bf16, whatever ``dtype``); on CPU the
+    faster of the measured fp32 and ``dtype`` GEMM rates (CPU autocast runs only some ops in a
+    reduced dtype, and fp16 GEMMs are slower than fp32 on CPUs without fp16 units: the fp32 rate
+    keeps MFU a true fraction there); None if unknown."""
     if device.type == "cpu":
-        return measured_cpu_gemm_flops(dtype)
+        return max(measured_cpu_gemm_flops(torch.float32), measured_cpu_gemm_flops(dtype))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         tflops = gpu_peak_tflops(name)
@@ -153,6 +156,18 @@ def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in tensors]).pow(2).sum()
 
 
+def _sharded_squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """DTensors (FSDP shards of one mesh): the local shards' squared norms, summed over the mesh
+    dimensions they are sharded on (a replicated dimension holds copies: counted once)."""
+    total = _squared_norm([t.to_local() for t in tensors])
+    if tensors:
+        mesh = tensors[0].device_mesh
+        for dim, placement in enumerate(tensors[0].placements):
+            if placement.is_shard() and mesh.size(dim) > 1:
+                dist.all_reduce(total, group=mesh.get_group(dim))
+    return total
+
+
 def global_norm(tensors_with_params: Iterable[tuple[torch.Tensor, torch.nn.Parameter]],
                 tp_group=None, pp_group=None) -> torch.Tensor:
     """L2 norm over the whole model of ``tensors`` (grads or params), each paired with its param.
@@ -160,20 +175,24 @@ def global_norm(tensors_with_params: Iterable[tuple[torch.Tensor, torch.nn.Param
     A parameter marked ``tensor_model_parallel=True`` is split across the TP group: its squared
     norms are summed over the TP group. Every other parameter is replicated on the TP ranks and
     counted once (on this rank only). The per-stage totals are then summed over the PP group. DP
-    replicas hold identical (already all-reduced) gradients, so no DP reduction is needed. A tied
+    replicas hold identical (already all-reduced) gradients, so no DP reduction is needed; FSDP
+    shards (DTensors) are summed over the DP ranks they are split across. A tied
     LM head copied onto the last pipeline stage (``shared_embedding=True``) duplicates the first
     stage's embedding and is not counted again.
     """
-    split, replicated = [], []
+    split, replicated, sharded = [], [], []
     for tensor, param in tensors_with_params:
         if getattr(param, "shared_embedding", False):
             continue
-        (split if getattr(param, "tensor_model_parallel", False) else replicated).append(tensor)
-    device = next((t.device for t in split + replicated), torch.device("cpu"))
+        if isinstance(tensor, DTensor):
+            sharded.append(tensor)
+        else:
+            (split if getattr(param, "tensor_model_parallel", False) else replicated).append(tensor)
+    device = next((t.device for t in split + replicated + sharded), torch.device("cpu"))
     split_sq, replicated_sq = _squared_norm(split).to(device), _squared_norm(replicated).to(device)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(split_sq, group=tp_group)
-    total = split_sq + replicated_sq
+    total = split_sq + replicated_sq + _sharded_squared_norm(sharded).to(device)
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(total, group=pp_group)
     return total.sqrt()

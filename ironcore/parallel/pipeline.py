@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ironcore.parallel import data_parallel
 from ironcore.parallel.state import ParallelState
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
@@ -292,12 +293,11 @@ class _Runner:
 
 
 def _no_pipelining(run: _Runner) -> None:
-    """One stage: forward and backward of each micro-batch in turn. A DDP-wrapped model reduces
-    gradients only in the last micro-batch's backward (``no_sync`` on the others)."""
+    """One stage: forward and backward of each micro-batch in turn. A DDP- or FSDP-wrapped model
+    reduces gradients only in the last micro-batch's backward (``data_parallel.no_sync`` on the others)."""
     model = run.chunks[0]
     for i in range(run.m):
-        skip_sync = hasattr(model, "no_sync") and i < run.m - 1
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
+        with data_parallel.no_sync(model) if i < run.m - 1 else contextlib.nullcontext():
             run.backward(0, i, None, run.forward(0, i, None), None)
 
 
@@ -546,8 +546,8 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
     shape_fn = lambda batch: activation_shape(batch, hidden_size, pstate.tp_size, sequence_parallel)  # noqa: E731
     p2p = None
     if pstate.pp_size > 1:
-        if any(hasattr(c, "no_sync") for c in chunks):
-            raise ValueError("pipeline stages must not be wrapped in DistributedDataParallel: call "
+        if any(data_parallel.reduces_gradients(c) for c in chunks):
+            raise ValueError("pipeline stages must not be wrapped in DistributedDataParallel or FSDP: call "
                              "finalize_model_grads after forward_backward to reduce gradients over data parallelism")
         p2p = _P2P(pstate, dtype, timedelta(minutes=timeout_minute))
     run = _Runner(chunks, batches, pstate, loss_fn, forward_step, p2p, shape_fn, dtype, scale_loss, forward_only,

@@ -8,11 +8,11 @@ data-parallel size`` sequences:
    / Σ loss_mask``, through ``ironcore.parallel.pipeline.forward_backward``: micro-batch by
    micro-batch on one stage, or the ``parallel.pipeline_schedule`` (1F1B, GPipe, interleaved) over
    ``trainer.pipeline_model_parallel_size`` stages, whose last stage computes the loss. With one stage
-   the model is wrapped in ``DistributedDataParallel`` over the DP group; gradient all-reduce happens
-   only on the last micro-batch (``no_sync()`` on the others), so DP=2 computes exactly what DP=1 with
-   twice the accumulation does. With several stages the chunks are plain modules and
-   ``pipeline.finalize_model_grads`` averages their grads over DP and sums a tied embedding's grads
-   between the first and last stages;
+   the model is wrapped by ``ironcore.parallel.data_parallel`` (``DistributedDataParallel`` over the DP
+   group, or FSDP2 with ``parallel.use_fsdp``); gradients are reduced only on the last micro-batch
+   (``no_sync`` on the others), so DP=2 computes exactly what DP=1 with twice the accumulation does.
+   With several stages the chunks are plain modules and ``pipeline.finalize_model_grads`` averages
+   their grads over DP and sums a tied embedding's grads between the first and last stages;
 2. under sequence parallelism the TP-replicated grads are all-reduced (``sync_sequence_parallel_grads``);
 3. the step's loss (the last stage's, broadcast over the pipeline) is averaged over the DP group
    (not the world: TP ranks hold the same loss) and a
@@ -44,13 +44,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ironcore.config import Config, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.profiling import Profiler, nvtx_range
 from ironcore.parallel import pipeline
+from ironcore.parallel.data_parallel import wrap_data_parallel
 from ironcore.parallel.state import ParallelState, destroy_distributed, init_distributed
 from ironcore.training.evaluate import evaluate
 from ironcore.training.optimizer import build_optimizer
@@ -152,10 +152,19 @@ class Trainer:
         # This rank's pipeline chunks: one, or several under the interleaved schedule. `self.model`
         # is what the optimizer, checkpoints and evaluation see.
         self.chunks = [build_model(cfg, pstate, self.vocab_size, stage) for stage in model_stages(cfg, pstate)]
-        self.model = self.chunks[0] if len(self.chunks) == 1 else nn.ModuleList(self.chunks)
         for chunk in self.chunks:
             apply_activation_recompute(chunk, cfg.operation)
-        self.optimizer = build_optimizer(self.model, cfg.optim, pstate.device)
+            if cfg.trainer.compile_model:
+                chunk.compile()  # in place: parameter names (and checkpoints) are unchanged
+        # What the schedule runs: one stage is wrapped for data parallelism (DDP over the DP group, or
+        # FSDP2 sharding it in place, which is why this comes before the optimizer); pipeline stages
+        # are not (DDP's hooks assume forward and backward alternate; finalize_model_grads reduces).
+        self.stages: list[nn.Module] = list(self.chunks)
+        if pstate.pp_size == 1:
+            self.stages = [wrap_data_parallel(self.chunks[0], cfg, pstate)]
+        self.model = self.chunks[0] if len(self.chunks) == 1 else nn.ModuleList(self.chunks)
+        # On the parameters' device: CPU under FSDP's CPU offload.
+        self.optimizer = build_optimizer(self.model, cfg.optim, next(self.model.parameters()).device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.operation.train_steps)
         self.scaler = build_grad_scaler(cfg.model.precision, pstate.device)
 
@@ -171,16 +180,6 @@ class Trainer:
         self.loader = build_loader(self.datasets["train"], cfg.trainer.micro_batch_size, pstate.dp_rank,
                                    pstate.dp_size, cfg.init.seed, consumed_samples=consumed)
 
-        if cfg.trainer.compile_model:
-            for chunk in self.chunks:
-                chunk.compile()  # in place: parameter names (and checkpoints) are unchanged
-        # What the schedule runs: one stage is wrapped in DDP over the DP group; pipeline stages are
-        # not (DDP's hooks assume forward and backward alternate; finalize_model_grads reduces).
-        self.stages: list[nn.Module] = list(self.chunks)
-        if pstate.dp_group is not None and pstate.pp_size == 1:
-            self.stages = [DistributedDataParallel(
-                self.model, process_group=pstate.dp_group,
-                device_ids=[pstate.device] if pstate.device.type == "cuda" else None)]
         self.embedding_group = pipeline.build_embedding_group(pstate, not cfg.model.untie_embed)
 
         flops = metrics.model_flops_per_token(cfg.model, self.chunks[0].padded_vocab_size, cfg.model.max_seq_len)
