@@ -9,46 +9,27 @@ prompt alone: equal token ids also show that padding does not change results.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from ironcore.checkpoint.hf import hf_config_from_model_config, hf_to_ironcore
-from ironcore.config.schema import ModelConfig, PositionalEmbeddingConfig
+from ironcore.checkpoint.hf import hf_to_ironcore
 from ironcore.inference import InferenceCache, SamplingParams, full_vocab_logits, generate
 from ironcore.inference.sampling import filter_top_k, filter_top_p, sample_next_token
 from ironcore.model.gpt import GPTModel
 from ironcore.parallel.state import ParallelState
+from tests.hf_helpers import random_hf_model
+from tests.hf_helpers import preset as model_preset
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 1000
 PROMPT_LENGTHS = (5, 13, 9)
 
 
-def _preset(name: str) -> ModelConfig:
-    values = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
-    values["positional_embedding"] = PositionalEmbeddingConfig(**values.get("positional_embedding", {}))
-    return ModelConfig(**values)
-
-
-def _hf_model(cfg: ModelConfig, seed: int = 0):
-    hf_cfg = hf_config_from_model_config(cfg, VOCAB)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    with torch.no_grad():  # larger than the default init: clear gaps between the top logits
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
 @pytest.fixture(scope="module", params=["tiny", "tiny-llama"])
 def models(request):
-    cfg = _preset(request.param)
-    hf = _hf_model(cfg)
+    cfg = model_preset(request.param)
+    hf = random_hf_model(cfg, VOCAB)
     model = GPTModel(cfg, ParallelState(), VOCAB).eval()
     model.load_state_dict(hf_to_ironcore(hf.state_dict(), cfg, VOCAB))
     return hf, model

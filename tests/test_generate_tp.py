@@ -14,37 +14,24 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-from ironcore.checkpoint.hf import convert_hf_folder, hf_config_from_model_config
+from ironcore.checkpoint.hf import convert_hf_folder
 from ironcore.checkpoint.io import save_checkpoint
-from ironcore.config.schema import Config, ModelConfig, PositionalEmbeddingConfig
+from ironcore.config.schema import Config
 from ironcore.inference import SamplingParams, generate, load_checkpoint_model, load_for_generation
 from ironcore.parallel.state import ParallelState, init_distributed
+from tests.hf_helpers import REPO, preset, random_hf_model
 from tests.multiproc import run_distributed
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [[11, 42, 7, 300, 5], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 250], [77, 78]]
 RUNS = {"greedy": SamplingParams(max_new_tokens=16, temperature=0.0),
         "sampled": SamplingParams(max_new_tokens=16, temperature=0.8, top_k=40, top_p=0.95, seed=11)}
 
 
-def _preset(name: str) -> ModelConfig:
-    values = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
-    values["positional_embedding"] = PositionalEmbeddingConfig(**values.get("positional_embedding", {}))
-    return ModelConfig(**values)
-
-
-def _hf_folder(path: Path, preset: str, vocab: int) -> Path:
+def _hf_folder(path: Path, preset_name: str, vocab: int) -> Path:
     """A random HF model saved with `save_pretrained` (weights scaled up for clear logit gaps)."""
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config_from_model_config(_preset(preset), vocab))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
+    random_hf_model(preset(preset_name), vocab, seed=0, attn_implementation=None).save_pretrained(path)
     return path
 
 
@@ -71,7 +58,7 @@ def _tp_worker(ckpt: Path, dist_root: Path, tp: int) -> dict:
 @pytest.mark.timeout(300)
 def test_tp2_generation_equals_tp1_from_single_and_distributed_checkpoints(tmp_path):
     hf_dir = _hf_folder(tmp_path / "hf", "tiny-llama", vocab=1000)
-    ckpt = convert_hf_folder(str(hf_dir), Config(model=_preset("tiny-llama")), str(tmp_path / "ckpt"), tp_size=1)
+    ckpt = convert_hf_folder(str(hf_dir), Config(model=preset("tiny-llama")), str(tmp_path / "ckpt"), tp_size=1)
     tp2 = run_distributed(_tp_worker, 2, ckpt, tmp_path / "dist", 2)
     tp1 = run_distributed(_tp_worker, 1, ckpt, tmp_path / "dist", 1)[0]
     reference = tp1["single"]
@@ -87,7 +74,7 @@ def test_generate_tool(tmp_path, capsys):
     from ironcore.inference.cli import main
 
     hf_dir = _hf_folder(tmp_path / "hf", "tiny", vocab=50257)  # the shipped GPT-2 tokenizer's vocabulary
-    convert_hf_folder(str(hf_dir), Config(model=_preset("tiny")), str(tmp_path / "ckpt"))
+    convert_hf_folder(str(hf_dir), Config(model=preset("tiny")), str(tmp_path / "ckpt"))
     loaded = load_for_generation(ParallelState(), hf_dir=hf_dir)
     prompts = ["The quick brown fox", "Once upon a time"]
     out = generate(loaded.model, [loaded.tokenizer.encode(p) for p in prompts],

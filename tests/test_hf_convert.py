@@ -6,11 +6,9 @@ biases are not their trivial initial values).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from ironcore.checkpoint.hf import (
     hf_architecture,
@@ -21,30 +19,14 @@ from ironcore.checkpoint.hf import (
     model_config_from_hf,
     shard_state_dict,
 )
-from ironcore.config.schema import ModelConfig, PositionalEmbeddingConfig
+from ironcore.config.schema import ModelConfig
 from ironcore.model.gpt import GPTModel
 from ironcore.parallel.state import ParallelState
+from tests.hf_helpers import REPO, random_hf_model
+from tests.hf_helpers import preset as model_preset
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 1000
-
-
-def _preset(name: str) -> ModelConfig:
-    values = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
-    values["positional_embedding"] = PositionalEmbeddingConfig(**values.get("positional_embedding", {}))
-    return ModelConfig(**values)
-
-
-def _hf_model(cfg: ModelConfig, seed: int = 0):
-    hf_cfg = hf_config_from_model_config(cfg, VOCAB)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def _ironcore(cfg: ModelConfig, hf_model) -> GPTModel:
@@ -55,9 +37,9 @@ def _ironcore(cfg: ModelConfig, hf_model) -> GPTModel:
 
 @pytest.mark.parametrize("preset, arch", [("tiny", "gpt2"), ("tiny-llama", "llama")])
 def test_logits_and_loss_match_hugging_face(preset, arch):
-    cfg = _preset(preset)
+    cfg = model_preset(preset)
     assert hf_architecture(cfg) == arch
-    hf = _hf_model(cfg)
+    hf = random_hf_model(cfg, VOCAB)
     model = _ironcore(cfg, hf)
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -71,8 +53,8 @@ def test_logits_and_loss_match_hugging_face(preset, arch):
 
 
 def test_llama_rope_uses_position_ids_like_hugging_face():
-    cfg = _preset("tiny-llama")
-    hf = _hf_model(cfg, seed=2)
+    cfg = model_preset("tiny-llama")
+    hf = random_hf_model(cfg, VOCAB, seed=2)
     model = _ironcore(cfg, hf)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     positions = torch.stack([torch.arange(16) + 7, torch.arange(16) * 2])  # per row, not per batch index
@@ -84,8 +66,8 @@ def test_llama_rope_uses_position_ids_like_hugging_face():
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 def test_round_trip_export_gives_identical_hf_weights(preset):
-    cfg = _preset(preset)
-    hf = _hf_model(cfg)
+    cfg = model_preset(preset)
+    hf = random_hf_model(cfg, VOCAB)
     back = ironcore_to_hf(_ironcore(cfg, hf).state_dict(), cfg, VOCAB)
     original = hf.state_dict()
     assert set(back) == set(original)
@@ -95,7 +77,7 @@ def test_round_trip_export_gives_identical_hf_weights(preset):
 
 def test_hf_config_round_trip():
     for preset in ("tiny", "tiny-llama"):
-        cfg = _preset(preset)
+        cfg = model_preset(preset)
         again, vocab = model_config_from_hf(hf_config_from_model_config(cfg, VOCAB))
         assert vocab == VOCAB
         for key in ("d_model", "d_ffn", "num_layers", "num_attention_heads", "ln_type", "ln_eps",
@@ -105,8 +87,8 @@ def test_hf_config_round_trip():
 
 
 def test_shard_and_merge_round_trip_over_tp_and_pp():
-    cfg = _preset("tiny-llama")
-    full = {k: v for k, v in _ironcore(cfg, _hf_model(cfg)).state_dict().items()}
+    cfg = model_preset("tiny-llama")
+    full = {k: v for k, v in _ironcore(cfg, random_hf_model(cfg, VOCAB)).state_dict().items()}
     shards = {(pp, tp): shard_state_dict(full, cfg, VOCAB, tp_size=2, tp_rank=tp, pp_size=2, pp_rank=pp)
               for pp in range(2) for tp in range(2)}
     # Stage 1 holds global layer 1 as its layers.0; q_proj rows are split, o_proj columns.
@@ -132,8 +114,8 @@ def test_unsupported_configs_fail_clearly():
 def test_convert_tool_hf_to_ironcore_tp2_and_back(tmp_path):
     from tools.convert_checkpoint import main
 
-    cfg = _preset("tiny-llama")
-    hf = _hf_model(cfg, seed=4)
+    cfg = model_preset("tiny-llama")
+    hf = random_hf_model(cfg, VOCAB, seed=4)
     hf.save_pretrained(tmp_path / "hf")
     preset = str(REPO / "configs" / "model" / "tiny-llama.yaml")
     assert main(["--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"),
