@@ -165,7 +165,7 @@ class GPTModel(nn.Module):
         if stage is None:
             (stage,) = pipeline_stages(cfg.num_layers, pstate.pp_size, pstate.pp_rank)
         self.cfg = cfg
-        self.tp_group = pstate.tp_group
+        self.tp_group, self.tp_size = pstate.tp_group, pstate.tp_size
         self.sequence_parallel = sequence_parallel and pstate.tp_size > 1
         self.is_first_stage, self.is_last_stage = stage.is_first, stage.is_last
         self.vocab_size = vocab_size
@@ -263,7 +263,7 @@ class GPTModel(nn.Module):
             return input_ids.shape[0], input_ids.shape[1]
         if hidden_states is None:
             raise ValueError("GPTModel.forward needs input_ids or hidden_states")
-        tp = torch.distributed.get_world_size(self.tp_group) if self.sequence_parallel else 1
+        tp = self.tp_size if self.sequence_parallel else 1  # a sequence-parallel stage input is [b, s/tp, d]
         return hidden_states.shape[0], hidden_states.shape[1] * tp
 
     def shared_embedding_weight(self) -> Optional[nn.Parameter]:
