@@ -3,6 +3,7 @@ torch profiler window writes a trace on CPU."""
 
 import json
 
+import pytest
 import torch
 
 from ironcore.config import Config, to_dict
@@ -55,6 +56,20 @@ def test_jsonl_tensorboard_and_mlflow_read_back(tmp_path, monkeypatch):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [4.25, 4.0]
     assert run.data.params["model.d_model"] == "512"
     assert run.data.params["optim.lr_scheduler"] == "cosine"
+
+
+def test_sqlite_store_without_full_mlflow_is_a_config_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ironcore.config import ConfigError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sqlalchemy" else real_find_spec(name, *a))
+    cfg = Config()
+    cfg.utils.mlflow_tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match=r"utils.mlflow_tracking_uri = 'sqlite:///.*needs the full MLflow package"):
+        TrainingLogger(cfg, rank=0, resolved_config=to_dict(cfg))
 
 
 def test_non_zero_rank_writes_nothing(tmp_path):

@@ -17,6 +17,7 @@ are already reduced over the ranks that matter). Each sink is opened only when c
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ironcore.config import ConfigError
 
 logger = logging.getLogger("ironcore.train")
 
@@ -90,6 +93,11 @@ class TrainingLogger:
     @staticmethod
     def _start_mlflow(cfg, resolved_config: dict):
         uri = cfg.utils.mlflow_tracking_uri
+        if uri.startswith("sqlite:") and importlib.util.find_spec("sqlalchemy") is None:
+            # mlflow-skinny (our dependency) has no database stores; it would fail deep inside MLflow.
+            raise ConfigError([f"utils.mlflow_tracking_uri = {uri!r}: a sqlite: store needs the full MLflow "
+                               "package (pip install mlflow); the installed client logs to file: stores and "
+                               "HTTP tracking servers"])
         if uri.startswith("file:"):
             # MLflow 3 refuses its (maintenance-mode) file store unless explicitly allowed.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
