@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ironcore.config import ConfigError
 from ironcore.config.schema import OptimConfig
 from ironcore.training.scheduler import build_scheduler, lr_schedule
 
@@ -80,11 +81,11 @@ def test_scheduler_drives_optimizer_and_round_trips_state(name):
 
 
 def test_bad_combinations_name_the_keys():
-    with pytest.raises(ValueError, match="optim.warmup_steps"):
+    with pytest.raises(ConfigError, match="optim.warmup_steps"):
         lr_schedule(_cfg("cosine", annealing=5), T)
-    with pytest.raises(ValueError, match="optim.warmup_steps"):
+    with pytest.raises(ConfigError, match="optim.warmup_steps"):
         lr_schedule(_cfg("wsd", annealing=105), T)
-    with pytest.raises(ValueError, match="optim.lr_scheduler"):
+    with pytest.raises(ConfigError, match="optim.lr_scheduler"):
         lr_schedule(OptimConfig(lr_scheduler="step"), T)
-    with pytest.raises(ValueError, match="optim.min_lr"):
+    with pytest.raises(ConfigError, match="optim.min_lr"):
         lr_schedule(OptimConfig(max_lr=1e-4, min_lr=1e-3), T)

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from ironcore.config import ConfigError
 from ironcore.config.schema import OptimConfig
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -37,9 +38,9 @@ def lr_schedule(optim: OptimConfig, train_steps: int) -> Callable[[int], float]:
     """The closed-form lr as a function of the completed step count ``s`` (see module docstring)."""
     name, max_lr, min_lr, warmup = optim.lr_scheduler, optim.max_lr, optim.min_lr, optim.warmup_steps
     if name not in SCHEDULES:
-        raise ValueError(f"optim.lr_scheduler: {name!r} is not a schedule; allowed: {', '.join(SCHEDULES)}")
+        raise ConfigError([f"optim.lr_scheduler: {name!r} is not a schedule; allowed: {', '.join(SCHEDULES)}"])
     if min_lr > max_lr:
-        raise ValueError(f"optim.min_lr ({min_lr}) must not exceed optim.max_lr ({max_lr})")
+        raise ConfigError([f"optim.min_lr ({min_lr}) must not exceed optim.max_lr ({max_lr})"])
 
     def warmup_lr(s: int) -> float:
         return max_lr * (s + 1) / warmup
@@ -50,9 +51,9 @@ def lr_schedule(optim: OptimConfig, train_steps: int) -> Callable[[int], float]:
     if name in ("cosine", "linear"):
         horizon = optim.annealing_steps or train_steps
         if horizon <= warmup:
-            raise ValueError(
+            raise ConfigError([
                 f"optim.warmup_steps ({warmup}) must be smaller than the decay horizon of the {name} "
-                f"schedule ({horizon}: optim.annealing_steps, or operation.train_steps when that is 0)")
+                f"schedule ({horizon}: optim.annealing_steps, or operation.train_steps when that is 0)"])
 
         def decay(s: int) -> float:
             if s < warmup:
@@ -67,10 +68,10 @@ def lr_schedule(optim: OptimConfig, train_steps: int) -> Callable[[int], float]:
     decay_steps = optim.annealing_steps or max(1, round(WSD_DEFAULT_DECAY_FRACTION * train_steps))
     decay_start = train_steps - decay_steps
     if decay_start < warmup:
-        raise ValueError(
+        raise ConfigError([
             f"wsd schedule: optim.warmup_steps ({warmup}) + decay steps ({decay_steps}: "
             f"optim.annealing_steps, or 20% of operation.train_steps when 0) exceed "
-            f"operation.train_steps ({train_steps})")
+            f"operation.train_steps ({train_steps})"])
 
     def wsd(s: int) -> float:
         if s < warmup:
