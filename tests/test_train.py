@@ -54,8 +54,8 @@ def test_accumulation_4_x_micro_2_equals_micro_8(tmp_path, caplog):
     assert "no eval data: the eval split is empty" in caplog.text
 
 
-def _planted_nan_worker(path: str) -> str:
-    """Rank 1's loss becomes NaN in its third forward (= step 3); every rank must stop there."""
+def _plant_nan_on_rank_1_step_3() -> None:
+    """Rank 1's loss becomes NaN in its third forward (= step 3)."""
     original = ironcore.model.build_model
 
     def build(cfg, pstate, vocab_size, stage=None):
@@ -72,11 +72,29 @@ def _planted_nan_worker(path: str) -> str:
         return model
 
     ironcore.model.build_model = build
+
+
+def _planted_nan_worker(path: str) -> str:
+    """Every rank must stop at the planted NaN."""
+    _plant_nan_on_rank_1_step_3()
     try:
         train(load(Path(path)))
     except NonFiniteLossError as e:
         return str(e)
     return "no error"
+
+
+def _skipped_nan_worker(path: str) -> tuple[int, set, int]:
+    """With trainer.skip_nonfinite_steps every rank skips the planted step's update and goes on."""
+    from ironcore.parallel.state import init_distributed
+    from ironcore.training.trainer import Trainer
+
+    _plant_nan_on_rank_1_step_3()
+    cfg = load(Path(path), "trainer.skip_nonfinite_steps=true", "operation.train_steps=5")
+    trainer = Trainer(cfg, init_distributed(cfg))
+    summary = trainer.run()
+    adam_steps = {int(state["step"]) for state in trainer.optimizer.state.values()}
+    return summary["steps"], adam_steps, trainer.scheduler.last_epoch
 
 
 def test_planted_nan_stops_every_rank_naming_step_and_rank(tmp_path):
@@ -85,6 +103,12 @@ def test_planted_nan_stops_every_rank_naming_step_and_rank(tmp_path):
         assert "at step 3 on rank 1" in message and f"this is rank {rank}" in message
     assert "training loss is nan" in messages[1]
     assert sorted(losses(tmp_path / "nan")) == [1, 2]  # nothing logged for the bad step
+
+
+def test_planted_nan_is_skipped_when_configured(tmp_path):
+    results = run_distributed(_skipped_nan_worker, 2, str(write_config(tmp_path, "skip")))
+    assert results[0] == results[1] == (5, {4}, 4)  # 5 steps ran, 4 updates (optimizer and schedule)
+    assert sorted(losses(tmp_path / "skip")) == [1, 2, 4, 5]  # the skipped step logs no loss
 
 
 def test_exit_interval_sigterm_resume_and_eval_command(tmp_path, monkeypatch, capsys):

@@ -55,6 +55,9 @@ class TrainerConfig:
     load_iteration: Optional[int] = _f(
         None, "Checkpoint iteration to resume from (`None`: the one `latest` in model_path names; "
         "`0`: start fresh even when model_path holds checkpoints)", added=True, minimum=0)
+    skip_nonfinite_steps: bool = _f(
+        False, "Skip the update of a step whose loss is NaN/inf on any rank (logged with the step and rank) "
+        "instead of stopping the run", added=True)
 
 
 @dataclass

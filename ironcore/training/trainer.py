@@ -70,7 +70,7 @@ class StepResult:
     loss: float          # averaged over the micro-batches and the DP group
     lr: float            # the learning rate this step used
     grad_norm: Optional[float]
-    skipped: bool        # fp16: the loss scaler found inf/NaN gradients and skipped the update
+    skipped: bool        # no update: fp16 found inf/NaN gradients, or a skipped non-finite loss
     tokens: int          # tokens of the whole step, all DP ranks
     seconds: float
 
@@ -225,8 +225,9 @@ class Trainer:
         return pipeline.last_stage_mean(losses, pstate, pstate.device), tokens
 
     def _check_and_average(self, local_loss: torch.Tensor, stop: "_StopSignal") -> tuple[float, bool]:
-        """DP-averaged loss; raises on a non-finite loss anywhere. Also agrees across all ranks on
-        whether a stop signal arrived (any rank's signal stops every rank at the same step)."""
+        """DP-averaged loss (NaN when any rank's loss is non-finite and
+        ``trainer.skip_nonfinite_steps`` is on; otherwise such a loss raises). Also agrees across all
+        ranks on whether a stop signal arrived (any rank's signal stops every rank at the same step)."""
         pstate = self.pstate
         averaged = local_loss.detach().float().clone()
         if pstate.dp_group is not None:
@@ -239,10 +240,16 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         bad_rank, no_signal = int(flags[0]), int(flags[1])
         if bad_rank < pstate.world_size:
-            raise NonFiniteLossError(
-                f"training loss is {local_loss.item() if bad_rank == pstate.rank else 'non-finite'} at step "
-                f"{self.step + 1} on rank {bad_rank} (this is rank {pstate.rank}); stopping before the "
-                f"optimizer step. Lower optim.max_lr, raise optim.warmup_steps or check the data.")
+            value = local_loss.item() if bad_rank == pstate.rank else "non-finite"
+            where = f"at step {self.step + 1} on rank {bad_rank} (this is rank {pstate.rank})"
+            if not self.cfg.trainer.skip_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"training loss is {value} {where}; stopping before the optimizer step. Lower "
+                    f"optim.max_lr, raise optim.warmup_steps, check the data, or set trainer.skip_nonfinite_steps.")
+            if pstate.rank == 0:
+                logger.warning("training loss is %s %s: skipping this step's update "
+                               "(trainer.skip_nonfinite_steps)", value, where)
+            return math.nan, no_signal == 0
         return averaged.item(), no_signal == 0
 
     def train_step(self, stop: "_StopSignal") -> tuple[StepResult, bool]:
@@ -251,6 +258,10 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         local_loss, tokens = self.forward_backward()
         loss, signalled = self._check_and_average(local_loss, stop)
+        if math.isnan(loss):  # skipped non-finite step: its data is consumed, nothing is updated
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return StepResult(loss, lr, None, True, tokens * self.pstate.dp_size, time.perf_counter() - t0), signalled
         for chunk in self.chunks:
             chunk.sync_sequence_parallel_grads()
         pipeline.finalize_model_grads(self.stages, self.pstate, self.embedding_group)
@@ -363,12 +374,13 @@ class Trainer:
                     with nvtx_range(f"step {self.step + 1}"):
                         result, signalled = self.train_step(stop)
                     profile_done = self.profiler.step_end(self.step - 1)
-                    window.append(result)
-                    losses.append(result.loss)
+                    if not math.isnan(result.loss):  # a skipped non-finite step was logged as a warning
+                        window.append(result)
+                        losses.append(result.loss)
                     self.last_grad_norm = result.grad_norm
                     self.throughput.add(result.tokens, result.seconds)
                     total_tokens, total_seconds = total_tokens + result.tokens, total_seconds + result.seconds
-                    if self.step % cfg.trainer.log_interval == 0 or self.step == op.train_steps:
+                    if window and (self.step % cfg.trainer.log_interval == 0 or self.step == op.train_steps):
                         self._log_step(window, started, start_step)
                         window = []
                     if signalled:  # preemption: save now, skip everything else
