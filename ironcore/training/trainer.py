@@ -16,7 +16,8 @@ data-parallel size`` sequences:
 2. under sequence parallelism the TP-replicated grads are all-reduced (``sync_sequence_parallel_grads``);
 3. the step's loss (the last stage's, broadcast over the pipeline) is averaged over the DP group
    (not the world: TP ranks hold the same loss) and a
-   NaN/inf loss on any rank stops the run, naming the step and the rank, before the weights change;
+   NaN/inf loss on any rank stops the run, naming the step and the rank, before the weights change
+   (or, with ``trainer.skip_nonfinite_steps``, skips that step's update on every rank);
 4. gradients are unscaled (fp16), clipped to ``optim.clip_grad`` by their global norm (TP shards summed,
    TP-replicated parameters counted once, pipeline stages summed), and the optimizer and LR schedule step.
 
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ironcore.config import Config, to_dict
+from ironcore.config import Config, ConfigError, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.profiling import Profiler, nvtx_range
@@ -142,8 +143,8 @@ class Trainer:
         self.cfg, self.pstate = cfg, pstate
         _configure_logging(cfg.utils.log_level, pstate.rank)
         if cfg.data.task_type == "dpo":
-            raise ValueError("data.task_type: dpo needs a preference loss the trainer does not have yet; "
-                             "allowed here: pretrain, sft")
+            raise ConfigError(["data.task_type = 'dpo': the trainer has no preference (DPO) loss yet; "
+                               "allowed for training: pretrain, sft (DPO data can be prepared and loaded)"])
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
         tokenizer = build_tokenizer(cfg.model)
