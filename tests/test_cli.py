@@ -103,3 +103,12 @@ def test_only_rank_zero_prints_config_errors(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("RANK", "1")
     assert cli.main([str(bad)]) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_a_missing_dataset_found_at_run_time_is_a_config_error(cfg_file, tmp_path, capsys):
+    missing = tmp_path / "nowhere.txt"
+    status = cli.main([str(cfg_file), f"data.train_datasets=[{{path: {missing}}}]",
+                       f"trainer.model_path={tmp_path / 'run'}", "parallel.dist_backend=gloo"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"data.train_datasets[0]: {missing}: file not found" in err and "Traceback" not in err

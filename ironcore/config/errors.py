@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-class ConfigError(Exception):
-    """All problems found in a configuration, reported together.
+class ConfigError(ValueError):
+    """All problems found in a configuration, reported together (also raised at run time when a
+    value turns out wrong, e.g. a dataset path that does not exist; a ValueError, as it is one).
 
     ``errors`` holds one human-readable line per problem; each names the ``group.key`` (or file), where
     the value was set and what is allowed. The CLI prints them and exits with status 2.

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ironcore.config import ConfigError
 from ironcore.config.schema import Config
 from ironcore.data.blend import BlendedDataset, split_documents
 from ironcore.data.cache import RAW_SUFFIXES, cached_dataset
@@ -172,17 +173,17 @@ def _entries(value, key: str) -> list[tuple[str, float]]:
     """Validate `[{path, weight}, ...]`; returns (path, weight) pairs."""
     form = "a list of mappings like [{path: data/owt/owt_text_document, weight: 1.0}]"
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{key}: expected {form}, got {value!r}")
+        raise ConfigError([f"{key}: expected {form}, got {value!r}"])
     out = []
     for i, entry in enumerate(value):
         if not isinstance(entry, dict) or "path" not in entry or not isinstance(entry["path"], str):
-            raise ValueError(f"{key}[{i}]: expected a mapping with a string `path` ({form}), got {entry!r}")
+            raise ConfigError([f"{key}[{i}]: expected a mapping with a string `path` ({form}), got {entry!r}"])
         unknown = set(entry) - {"path", "weight"}
         if unknown:
-            raise ValueError(f"{key}[{i}]: unknown key(s) {sorted(unknown)} (allowed: path, weight)")
+            raise ConfigError([f"{key}[{i}]: unknown key(s) {sorted(unknown)} (allowed: path, weight)"])
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            raise ValueError(f"{key}[{i}].weight: must be a positive number, got {weight!r}")
+            raise ConfigError([f"{key}[{i}].weight: must be a positive number, got {weight!r}"])
         out.append((entry["path"], float(weight)))
     return out
 
@@ -193,17 +194,17 @@ def open_dataset(path: str, cfg: Config, tokenizer: Tokenizer, key: str) -> Inde
     p = Path(path).expanduser()
     if p.suffix in RAW_SUFFIXES:
         if not p.is_file():
-            raise ValueError(f"{key}: {p}: file not found")
+            raise ConfigError([f"{key}: {p}: file not found"])
         prefix = cached_dataset(p, cfg.model.tokenizer_type, cfg.model.vocab_name_or_path, tokenizer, task)
     else:
         prefix = strip_suffix(p)
     data = IndexedDataset(prefix)
     if data.task != task:
-        raise ValueError(f"{key}: {prefix} was prepared for task {data.task!r} but data.task_type is {task!r}")
+        raise ConfigError([f"{key}: {prefix} was prepared for task {data.task!r} but data.task_type is {task!r}"])
     if data.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{key}: {prefix} was tokenized with a vocabulary of {data.vocab_size}, but the "
-                         f"model's tokenizer ({tokenizer.name}) has {tokenizer.vocab_size}; "
-                         "re-run tools/preprocess_data.py with the model's tokenizer")
+        raise ConfigError([f"{key}: {prefix} was tokenized with a vocabulary of {data.vocab_size}, but the "
+                           f"model's tokenizer ({tokenizer.name}) has {tokenizer.vocab_size}; "
+                           "re-run tools/preprocess_data.py with the model's tokenizer"])
     return data
 
 
@@ -241,10 +242,10 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer) -> dict[str, Optional[torc
     vocab = resolve_vocab_size(cfg, tokenizer)
     pad_id = tokenizer.eod_id if d.pad_token_id == -1 else d.pad_token_id
     if pad_id >= vocab:
-        raise ValueError(f"data.pad_token_id: {pad_id} is outside the vocabulary (size {vocab})")
+        raise ConfigError([f"data.pad_token_id: {pad_id} is outside the vocabulary (size {vocab})"])
     splits = list(d.splits)
     if len(splits) != 3 or any((not isinstance(s, (int, float))) or s < 0 for s in splits) or splits[0] <= 0:
-        raise ValueError(f"data.splits: expected three non-negative ratios with train > 0, got {splits}")
+        raise ConfigError([f"data.splits: expected three non-negative ratios with train > 0, got {splits}"])
     train_entries = _entries(d.train_datasets, "data.train_datasets")
     train_data = [open_dataset(p, cfg, tokenizer, f"data.train_datasets[{i}]")
                   for i, (p, _) in enumerate(train_entries)]
@@ -253,8 +254,8 @@ def build_datasets(cfg: Config, tokenizer: Tokenizer) -> dict[str, Optional[torc
     parts = [split_documents(_units(x), splits if use_split else [1, 0, 0], seed) for x in train_data]
     out = {"train": _blend([_make(x, p[0], cfg, pad_id) for x, p in zip(train_data, parts)], weights, seed)}
     if out["train"] is None:
-        raise ValueError(f"data.train_datasets: no training sample of max_seq_len + 1 = {cfg.model.max_seq_len + 1} "
-                         f"tokens fits in the train split of {[p for p, _ in train_entries]}")
+        raise ConfigError([f"data.train_datasets: no training sample of max_seq_len + 1 = {cfg.model.max_seq_len + 1} "
+                           f"tokens fits in the train split of {[p for p, _ in train_entries]}"])
     for s, name in ((1, "eval"), (2, "test")):
         explicit = getattr(d, f"{name}_datasets")
         if explicit is None:

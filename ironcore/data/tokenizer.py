@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from ironcore.config import ConfigError
 from ironcore.config.schema import Config, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -70,12 +71,12 @@ class HFTokenizer:
 
         folder = Path(path)
         if not folder.is_dir():
-            raise ValueError(f"model.vocab_name_or_path: {path!r} is not a folder; tokenizer_type 'hf' loads "
-                             "a local Hugging Face tokenizer folder (nothing is downloaded)")
+            raise ConfigError([f"model.vocab_name_or_path: {path!r} is not a folder; tokenizer_type 'hf' loads "
+                               "a local Hugging Face tokenizer folder (nothing is downloaded)"])
         self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         if self._tok.eos_token_id is None:
-            raise ValueError(f"model.vocab_name_or_path: the tokenizer in {path} has no EOS token; "
-                             "it is needed as the end-of-document token")
+            raise ConfigError([f"model.vocab_name_or_path: the tokenizer in {path} has no EOS token; "
+                               "it is needed as the end-of-document token"])
         self.name = f"hf:{folder.resolve()}"
         self.vocab_size = len(self._tok)
         self.eod_id = int(self._tok.eos_token_id)
@@ -93,10 +94,10 @@ def make_tokenizer(tokenizer_type: str, vocab_name_or_path: str) -> Tokenizer:
         return HFTokenizer(vocab_name_or_path)
     if tokenizer_type == "gpt2":
         if vocab_name_or_path not in GPT2_NAMES:
-            raise ValueError(f"model.vocab_name_or_path: {vocab_name_or_path!r} is not a folder; with "
-                             f"tokenizer_type 'gpt2' it must be one of {list(GPT2_NAMES)}")
+            raise ConfigError([f"model.vocab_name_or_path: {vocab_name_or_path!r} is not a folder; with "
+                               f"tokenizer_type 'gpt2' it must be one of {list(GPT2_NAMES)}"])
         return GPT2Tokenizer()
-    raise ValueError(f"model.tokenizer_type: {tokenizer_type!r} is not one of ['gpt2', 'hf']")
+    raise ConfigError([f"model.tokenizer_type: {tokenizer_type!r} is not one of ['gpt2', 'hf']"])
 
 
 def build_tokenizer(model_cfg: ModelConfig) -> Tokenizer:
@@ -109,6 +110,6 @@ def resolve_vocab_size(cfg: Config, tokenizer: Tokenizer) -> int:
     if cfg.data.vocab_size is None:
         return tokenizer.vocab_size
     if cfg.data.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"data.vocab_size: {cfg.data.vocab_size} is smaller than the tokenizer's vocabulary "
-                         f"({tokenizer.vocab_size} for {tokenizer.name}); leave it unset or raise it")
+        raise ConfigError([f"data.vocab_size: {cfg.data.vocab_size} is smaller than the tokenizer's vocabulary "
+                           f"({tokenizer.vocab_size} for {tokenizer.name}); leave it unset or raise it"])
     return cfg.data.vocab_size
