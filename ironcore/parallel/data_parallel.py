@@ -62,7 +62,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ironcore.config import Config
+from ironcore.config import Config, ConfigError
 from ironcore.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def mixed_precision_policy(fsdp_precision: str, model_precision: str, device: to
         dtype = torch.bfloat16 if fsdp_precision == "bf16" else torch.float16
         return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
     if fsdp_precision != "mixed":
-        raise ValueError(f"parallel.fsdp_mixed_precision: {fsdp_precision!r} is not one of mixed, fp16, bf16, fp32")
+        raise ConfigError([f"parallel.fsdp_mixed_precision: {fsdp_precision!r} is not one of mixed, fp16, bf16, fp32"])
     compute = getattr(torch, model_precision)  # float32 / bfloat16 / float16
     if compute == torch.float32:
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -135,10 +135,10 @@ def mixed_precision_policy(fsdp_precision: str, model_precision: str, device: to
 def hsdp_shape(dp_size: int, ranks_per_node: int) -> tuple[int, int]:
     """``(replicate, shard)`` sizes of the hybrid mesh: shard within a node, replicate across."""
     if ranks_per_node < 1 or dp_size % ranks_per_node:
-        raise ValueError(
+        raise ConfigError([
             f"parallel.fsdp_sharding_strategy: hybrid shards within a node and replicates across nodes, "
             f"but the data-parallel size {dp_size} is not a multiple of the {ranks_per_node} ranks per node "
-            f"(LOCAL_WORLD_SIZE): launch the same number of ranks on every node, or use full")
+            f"(LOCAL_WORLD_SIZE): launch the same number of ranks on every node, or use full"])
     return dp_size // ranks_per_node, ranks_per_node
 
 
@@ -147,16 +147,16 @@ def _ranks_per_node(device: torch.device) -> int:
         return int(os.environ["LOCAL_WORLD_SIZE"])
     if device.type == "cuda":
         return torch.cuda.device_count()
-    raise ValueError("parallel.fsdp_sharding_strategy: hybrid needs the number of ranks per node: launch with "
-                     "torchrun (it sets LOCAL_WORLD_SIZE) or set LOCAL_WORLD_SIZE")
+    raise ConfigError(["parallel.fsdp_sharding_strategy: hybrid needs the number of ranks per node: launch with "
+                       "torchrun (it sets LOCAL_WORLD_SIZE) or set LOCAL_WORLD_SIZE"])
 
 
 def dp_mesh(cfg: Config, pstate: ParallelState) -> DeviceMesh:
     """The FSDP mesh over the DP ranks: 1-D for ``full``; 2-D ``(dp_replicate, dp_shard)`` for
     ``hybrid`` and ``no_shard`` (HSDP). Collective: creates process groups on every rank."""
     if pstate.tp_size > 1 or pstate.pp_size > 1:
-        raise ValueError("parallel.use_fsdp supports trainer.tensor_model_parallel_size = 1 and "
-                         "trainer.pipeline_model_parallel_size = 1 only")
+        raise ConfigError(["parallel.use_fsdp supports trainer.tensor_model_parallel_size = 1 and "
+                           "trainer.pipeline_model_parallel_size = 1 only"])
     strategy = cfg.parallel.fsdp_sharding_strategy
     if strategy == "full":
         return init_device_mesh(pstate.device.type, (pstate.dp_size,), mesh_dim_names=("dp_shard",))
@@ -165,7 +165,7 @@ def dp_mesh(cfg: Config, pstate: ParallelState) -> DeviceMesh:
     elif strategy == "hybrid":
         shape = hsdp_shape(pstate.dp_size, _ranks_per_node(pstate.device))
     else:
-        raise ValueError(f"parallel.fsdp_sharding_strategy: {strategy!r} is not one of full, hybrid, no_shard")
+        raise ConfigError([f"parallel.fsdp_sharding_strategy: {strategy!r} is not one of full, hybrid, no_shard"])
     return init_device_mesh(pstate.device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
