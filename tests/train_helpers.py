@@ -40,20 +40,16 @@ def load(path: Path, *overrides: str):
     return load_config(str(path), ["model.max_seq_len=32", *overrides])
 
 
+def metric(model_path: str | Path, key: str) -> dict[int, float]:
+    """step -> `key` from metrics.jsonl, for the records that have it."""
+    records = (json.loads(line) for line in (Path(model_path) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r[key] for r in records if key in r}
+
+
 def losses(model_path: str | Path) -> dict[int, float]:
-    """step -> training loss from metrics.jsonl (log_interval 1 makes each step's exact loss)."""
-    out = {}
-    for line in (Path(model_path) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    """step -> training loss (log_interval 1 makes each step's exact loss)."""
+    return metric(model_path, "loss")
 
 
 def eval_losses(model_path: str | Path) -> dict[int, float]:
-    out = {}
-    for line in (Path(model_path) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "eval_loss" in record:
-            out[record["step"]] = record["eval_loss"]
-    return out
+    return metric(model_path, "eval_loss")
