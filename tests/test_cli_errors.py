@@ -46,6 +46,9 @@ CASES = [
       "must be one of 'absolute', 'rope', 'none'"]),
     ("bad-precision", "model:\n  precision: bf16\n", [], {}, {},
      ["model.precision = 'bf16' (set at {cfg}:2): must be one of 'bfloat16', 'float16', 'float32'"]),
+    ("dp-random-init", "init:\n  data_parallel_random_init: true\n", [], {}, {},
+     ["init.data_parallel_random_init = true (set at {cfg}:2): not supported: every data-parallel replica "
+      "starts from the same initial weights; allowed: false"]),
     ("bad-fsdp-strategy", "parallel:\n  fsdp_sharding_strategy: zero3\n", [], {}, {},
      ["parallel.fsdp_sharding_strategy = 'zero3' (set at {cfg}:2): must be one of 'full', 'hybrid', 'no_shard'"]),
     ("bad-log-cadence", "trainer:\n  grad_norm_log_interval: always\n", [], {}, {},

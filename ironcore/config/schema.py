@@ -44,7 +44,8 @@ class TrainerConfig:
         None, "Parameter norm logging cadence (`log`, `checkpoint`, or `None`)", choices=["log", "checkpoint"])
     use_flash_attn: bool = _f(True, "Use Flash Attention (when installed and on GPU; else SDPA)")
     vocab_padding_unit: int = _f(128, "Vocab padding for tensor core optimization", minimum=1)
-    num_workers: int = _f(8, "DataLoader workers", minimum=0)
+    num_workers: int = _f(8, "DataLoader workers (no effect: samples are read from memory-mapped files in the "
+                             "training process; no worker pool is needed)", minimum=0)
     do_eval: bool = _f(False, "Enable evaluation")
     eval_batch_size: Optional[int] = _f(None, "Evaluation batch size (micro_batch_size when omitted)", minimum=1)
     # Added by IronCore (SPEC §1).
@@ -151,7 +152,7 @@ class InitConfig:
     seed: int = _f(1337, "Random seed", minimum=0)
     init_std: float = _f(0.006, "Initialization std dev", minimum=0)
     xavier_init: bool = _f(False, "Use Xavier initialization")
-    data_parallel_random_init: bool = _f(False, "Enable DP random init")
+    data_parallel_random_init: bool = _f(False, "Enable DP random init (not supported: `true` is a config error)")
 
 
 @dataclass

@@ -392,6 +392,11 @@ def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[s
         errors.append(f"utils.profile_step_end = {u.profile_step_end} ({origin(prov['utils.profile_step_end'])}): "
                       f"must be >= utils.profile_step_start = {u.profile_step_start} "
                       f"({origin(prov['utils.profile_step_start'])})")
+    if cfg.init.data_parallel_random_init:
+        # DDP and FSDP start every replica from rank 0's weights; per-rank init would be silently undone.
+        errors.append(f"init.data_parallel_random_init = true ({origin(prov['init.data_parallel_random_init'])}): "
+                      "not supported: every data-parallel replica starts from the same initial weights; "
+                      "allowed: false")
     o = cfg.optim
     if o.min_lr > o.max_lr and not {"optim.min_lr", "optim.max_lr"} & bad:
         errors.append(f"optim.min_lr = {o.min_lr} ({origin(prov['optim.min_lr'])}): must be <= "

@@ -33,7 +33,6 @@ from ironcore.data.indexed import IndexedDataset, strip_suffix
 from ironcore.data.tokenizer import Tokenizer, resolve_vocab_size
 
 logger = logging.getLogger(__name__)
-SPLIT_NAMES = ("train", "eval", "test")
 
 
 def _shifted(tokens: np.ndarray, mask: Optional[np.ndarray]) -> dict:
