@@ -25,6 +25,9 @@ Adam's ``exp_avg``/``exp_avg_sq`` have the shape of their parameter and are save
 the optimizer state follows the weights into the new layout. The optimizer's param-group settings
 (lr, betas, ...) are not tensors; they are kept beside the shards in ``stage_ppNN.pt`` (one per
 pipeline stage) and read back with ``torch.load(weights_only=True)``, not through DCP's pickle path.
+DCP's own index, ``.metadata``, is a pickle that torch reads with plain ``pickle.load``; it is read
+here instead through an unpickler that admits only the classes of an index of tensors
+(`read_metadata`), so a crafted index cannot run code.
 
 Names are layout-free too: layer indices are global (``layer_offset`` of a pipeline stage) and the
 last stage's copy of a tied embedding is saved under the embedding's name. A rank holding several
@@ -35,6 +38,7 @@ prefixes their names is dropped and each chunk's own ``layer_offset`` applies.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -43,6 +47,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
@@ -54,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ironcore.checkpoint.errors import CheckpointError
 from ironcore.model.gpt import padded_vocab_size
 
 _STAGE_FILE = "stage_pp{:02d}.pt"  # per pipeline stage: optimizer param groups, vocab-parallel names
@@ -204,6 +212,90 @@ def _globalize(model: torch.nn.Module, model_sd: dict, optim_sd: Optional[dict],
 
 
 # --------------------------------------------------------------------------------------------
+# DCP's index, read without executing anything
+
+# What a DCP ``.metadata`` index of tensors is made of. torch reads the file with plain
+# ``pickle.load``, which calls whatever a crafted file names (``os.system``...): the manifest's
+# sha256 proves the file is the one listed, not that its writer is trusted. These are the only
+# globals an index may name; each builds plain data (dataclasses, sizes, dtypes, paths) and
+# nothing else.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_SAFE_GLOBALS = {
+    (_DCP_METADATA, name) for name in (
+        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+        "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a torch.layout by its name ("torch.strided")
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),  # StorageMeta.checkpoint_id
+    ("collections", "OrderedDict"),
+}
+_SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")  # where DCP's FileSystemWriter puts the shards
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a DCP tensor index")
+
+
+def read_metadata(path: Path) -> Metadata:
+    """DCP's ``.metadata`` index at ``path``, unpickled admitting only the classes of an index of
+    tensors stored in this folder's shard files; CheckpointError (naming the file) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        _check_metadata(metadata)
+    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError, IndexError, KeyError,
+            ImportError, OverflowError, MemoryError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not a valid distributed-checkpoint index, refusing to load it: {e}") from None
+    return metadata
+
+
+def _check_metadata(metadata) -> None:
+    """Only tensors (DCP's non-tensor entries are unpickled with torch.load(weights_only=False) on
+    load), stored in this folder's shard files, with no storage transforms."""
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise ValueError(f"it holds a {type(metadata).__name__}, not a DCP Metadata")
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise ValueError(f"entry {key!r} is a {type(entry).__name__}, IronCore stores tensors only")
+    for info in (metadata.storage_data or {}).values():
+        if not isinstance(info, _StorageInfo) or not _SHARD_FILE.match(str(info.relative_path)) \
+                or getattr(info, "transform_descriptors", None):
+            raise ValueError(f"storage entry {info!r} is not a plain shard file of this folder")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, with the index read by `read_metadata`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(Path(self.path) / ".metadata")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+@contextlib.contextmanager
+def _dcp_errors(directory: Path, action: str):
+    """DCP reports a failure on any rank as a CheckpointException, a BaseException (it escapes
+    ``except Exception``) whose text is a traceback: turn it into one line naming the folder."""
+    try:
+        yield
+    except CheckpointException as e:
+        causes = [exc for exc, _ in e.failures.values()] if isinstance(e.failures, dict) else []
+        first = next((c for c in causes if isinstance(c, CheckpointError)), causes[0] if causes else None)
+        if isinstance(first, CheckpointError):
+            raise CheckpointError(str(first)) from None
+        detail = f"{type(first).__name__}: {first}" if first is not None else "failed"
+        raise CheckpointError(f"{action} the distributed checkpoint {directory} failed: "
+                              + " ".join(detail.split())) from None
+
+
+# --------------------------------------------------------------------------------------------
 # Save and load (collective: every rank calls them)
 
 
@@ -212,7 +304,7 @@ def save(directory: Path, pstate, model: torch.nn.Module, optimizer) -> list[Pat
     directory = Path(directory)
     model_sd = get_model_state_dict(model)
     optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
-    with _quiet_dcp():
+    with _quiet_dcp(), _dcp_errors(directory, "writing"):
         dcp.save(_globalize(model, model_sd, optim_sd, pstate), storage_writer=dcp.FileSystemWriter(directory))
     written = sorted(directory.glob(f"__{pstate.rank}_*"))
     if pstate.tp_rank == 0 and pstate.dp_rank == 0:
@@ -245,9 +337,9 @@ def load(directory: Path, pstate, model: torch.nn.Module, optimizer) -> None:
     # DCP copies into the tensors (the local shards) of this dict in place: model_sd and optim_sd
     # hold the same tensors and are filled by this call (gathered FSDP vocabulary tensors: after it).
     gathered: list = []
-    with _quiet_dcp():
-        dcp.load(_globalize(model, model_sd, optim_sd, pstate, gathered),
-                 storage_reader=dcp.FileSystemReader(directory))
+    read_metadata(directory / ".metadata")  # refuse a bad index on every rank, before any collective
+    with _quiet_dcp(), _dcp_errors(directory, "reading"):
+        dcp.load(_globalize(model, model_sd, optim_sd, pstate, gathered), storage_reader=_SafeReader(directory))
     _scatter_gathered(gathered)
     set_model_state_dict(model, model_sd)
     if optim_sd is not None:
@@ -337,10 +429,8 @@ def _verified_source(folder: Path, ckpt_io) -> tuple[dict, dict]:
 
 def _read_all_tensors(source: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a DCP folder, whole, keyed by its flattened name (``model.<fqn>``, ...)."""
-    reader = dcp.FileSystemReader(source)
     tensors = {key: torch.empty(md.size, dtype=md.properties.dtype)
-               for key, md in reader.read_metadata().state_dict_metadata.items()
-               if isinstance(md, dcp.TensorStorageMetadata)}
-    with _quiet_dcp():
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
+               for key, md in read_metadata(source / ".metadata").state_dict_metadata.items()}
+    with _quiet_dcp(), _dcp_errors(source, "reading"):
+        dcp.load(tensors, storage_reader=_SafeReader(source), no_dist=True)
     return tensors

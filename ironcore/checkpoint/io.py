@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ironcore.checkpoint import distributed
+from ironcore.checkpoint.errors import CheckpointError
 from ironcore.config import to_dict
 from ironcore.parallel.data_parallel import full_state_dict_options
 from ironcore.parallel.random import get_rng_tracker
@@ -71,10 +72,6 @@ MODEL_SHAPE_KEYS = (
 )
 
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded: corrupted, incomplete or for another model."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +446,11 @@ def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
 
 
 def load_checkpoint(cfg, pstate, model, optimizer, scheduler, scaler) -> Optional[dict]:
-    """Resume from ``trainer.model_path``: returns ``{"iteration", "data_state"}`` or None.
+    """Resume from ``trainer.model_path``: returns ``{"iteration", "data_state", "rng_state"}`` or None.
+
+    ``rng_state`` (None when the checkpoint holds none for this layout) is *not* applied here: the
+    caller restores it with `set_rng_state` as the very last thing before its first step, so that
+    nothing it does in between (building loggers, measuring the device) can move the streams.
 
     The checkpoint is the one ``latest`` names, or ``trainer.load_iteration`` when set (``0``
     starts fresh). Optimizer state and LR scheduler are restored unless
@@ -480,12 +481,12 @@ def load_checkpoint(cfg, pstate, model, optimizer, scheduler, scaler) -> Optiona
         scheduler.load_state_dict(common["scheduler"])
     if scaler is not None and common["scaler"] is not None:
         scaler.load_state_dict(common["scaler"])
-    _load_rng(folder, pstate, common, manifest)
+    rng = _load_rng(folder, pstate, common, manifest)
     _barrier()
     logger.info("resumed from %s%s%s", folder,
                 "" if load_optim or optimizer is None else " (weights only: fresh optimizer)",
                 "" if cfg.optim.load_checkpoint_lr_scheduler else " (fresh LR schedule)")
-    return {"iteration": int(common["iteration"]), "data_state": dict(common["data_state"])}
+    return {"iteration": int(common["iteration"]), "data_state": dict(common["data_state"]), "rng_state": rng}
 
 
 def _resume_iteration(cfg) -> Optional[int]:
@@ -572,7 +573,7 @@ def _load_single(folder: Path, pstate, model, optimizer) -> None:
         set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
-def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> None:
+def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> Optional[dict]:
     """Every RNG of this rank, when the checkpoint was saved by the same TP × PP × DP layout (a rank's
     streams belong to its place in the grid; another layout keeps the streams it was seeded with)."""
     layout = common["layout"]
@@ -582,5 +583,5 @@ def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> None:
         logger.warning("checkpoint %s holds no RNG states for this layout (saved with TP×PP×DP %s, this run has "
                        "%s): RNGs keep this run's seeds, so the run continues, but not bit-identically to an "
                        "uninterrupted one", folder, saved, current)
-        return
-    set_rng_state(torch.load(folder / rng_file(pstate.rank), map_location="cpu", weights_only=True))
+        return None
+    return torch.load(folder / rng_file(pstate.rank), map_location="cpu", weights_only=True)

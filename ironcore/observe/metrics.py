@@ -78,8 +78,12 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 
 def gemm_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
-    """Best-of-``repeats`` FLOP/s of a ``size``-square CPU matrix product in ``dtype`` (uncached)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    """Best-of-``repeats`` FLOP/s of a ``size``-square CPU matrix product in ``dtype`` (uncached).
+
+    The operands come from a private generator: the probe runs while a run is being set up, and
+    must not move the global RNG streams a resumed run has restored (dropout would then differ)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
     a @ b  # warm up
     best = float("inf")
     for _ in range(repeats):

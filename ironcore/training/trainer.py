@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ironcore.checkpoint.io import set_rng_state
 from ironcore.config import Config, ConfigError, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
@@ -177,6 +178,7 @@ class Trainer:
             # make the scaler hold its scale on every rank.
             self.scaler.scale(torch.zeros((), device=pstate.device))
         self.step = resumed["iteration"] if resumed else 0
+        self.rng_state = resumed["rng_state"] if resumed else None  # restored by run(), last
         consumed = resumed["data_state"]["consumed_samples"] if resumed else 0
         self.loader = build_loader(self.datasets["train"], cfg.trainer.micro_batch_size, pstate.dp_rank,
                                    pstate.dp_size, cfg.init.seed, consumed_samples=consumed)
@@ -367,6 +369,12 @@ class Trainer:
         elif cfg.trainer.do_eval and self.step == 0:
             eval_loss = self._eval("eval")  # the baseline before any update
         self.model.train()
+        if self.rng_state is not None:
+            # The resumed RNG streams are restored only now, right before the first step: nothing
+            # between loading the checkpoint and here (the MFU probe, loggers, the loader) may draw
+            # from them, or dropout would differ from the uninterrupted run's.
+            set_rng_state(self.rng_state)
+            self.rng_state = None
         # The handlers stay installed until the end, so a signal can never cut a checkpoint write short.
         with _StopSignal() as stop:
             try:
