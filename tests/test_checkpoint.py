@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from ironcore.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ironcore.checkpoint.io import complete_checkpoints, read_latest
+from ironcore.checkpoint.io import complete_checkpoints, read_latest, set_rng_state
 from ironcore.config import Config, to_dict
 from ironcore.parallel.random import get_rng_tracker, set_random_seed
 from ironcore.parallel.state import ParallelState
@@ -67,7 +67,13 @@ class Run:
                                None, {"consumed_samples": self.consumed})
 
     def load(self) -> dict | None:
-        return load_checkpoint(self.cfg, ParallelState(), self.model, self.optimizer, self.scheduler, None)
+        """load_checkpoint, then its RNG states applied as the trainer does (right before stepping)."""
+        resumed = load_checkpoint(self.cfg, ParallelState(), self.model, self.optimizer, self.scheduler, None)
+        if resumed is not None:
+            rng = resumed.pop("rng_state")
+            if rng is not None:
+                set_rng_state(rng)
+        return resumed
 
 
 def _config(tmp_path: Path, **trainer) -> Config:
@@ -246,8 +252,8 @@ def test_sigkill_during_save_keeps_latest_at_the_previous_checkpoint(tmp_path):
 
     cfg = _config(tmp_path)
     model = torch.nn.Linear(4, 4)
-    assert load_checkpoint(cfg, ParallelState(), model, None, None, None) == {
-        "iteration": 1, "data_state": {"consumed_samples": 1}}
+    resumed = load_checkpoint(cfg, ParallelState(), model, None, None, None)
+    assert {k: resumed[k] for k in ("iteration", "data_state")} == {"iteration": 1, "data_state": {"consumed_samples": 1}}
     torch.manual_seed(0)
     assert torch.equal(model.weight, torch.nn.Linear(4, 4).weight)
     save_checkpoint(cfg, ParallelState(), 2, model, None, None, None, {"consumed_samples": 2})

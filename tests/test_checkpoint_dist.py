@@ -129,7 +129,7 @@ def _load(root: Path, tp: int, single_file_root: Path | None) -> dict:
                 continue
             run = _Run(_config(model_cfg, path, tp=tp, seed=5), pstate)
             resumed = run.load()
-            assert resumed == {"iteration": 1, "data_state": {"consumed_samples": 4}}
+            assert (resumed["iteration"], resumed["data_state"]) == (1, {"consumed_samples": 4})
             if tp == 1 and fmt == "dist":
                 losses[f"{name}/snapshot"] = _snapshot(run)
             after_load = run.eval_loss()

@@ -72,6 +72,9 @@ MODEL_SHAPE_KEYS = (
 )
 
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_LEFTOVER = re.compile(r"^(iter_\d{7,})\.(tmp|old)-[0-9a-f]+$")  # an interrupted save's folders
+_MAX_ITERATION_DIGITS = 12
+LOCK_FILE = ".lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,13 +98,21 @@ def rng_file(rank: int) -> str:
 
 
 def read_latest(model_path: str | Path) -> Optional[int]:
-    """The iteration the ``latest`` pointer names, or None when there is none."""
+    """The iteration the ``latest`` pointer names, or None when there is none.
+
+    CheckpointError (naming the file, and the newest complete checkpoint to use) when it holds
+    anything but an iteration number."""
     path = Path(model_path) / LATEST
     if not path.is_file():
         return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path} should hold an iteration number, found {text!r}")
+    data = path.read_bytes()
+    text = data.decode("ascii", errors="replace").strip()
+    if not (text.isdigit() and len(text) <= _MAX_ITERATION_DIGITS):
+        done = complete_checkpoints(model_path)
+        advice = (f"the newest complete checkpoint is {checkpoint_dir(model_path, done[-1]).name}: resume from it "
+                  f"with trainer.load_iteration={done[-1]}" if done else "no complete checkpoint exists")
+        raise CheckpointError(f"{path} is garbled: it should hold an iteration number, it holds {len(data)} bytes "
+                              f"that are not one; {advice}, or delete {path}")
     return int(text)
 
 
