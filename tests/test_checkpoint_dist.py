@@ -214,7 +214,8 @@ def _ddp_dp2(root: Path) -> dict:
     torch.manual_seed(7)
     fresh = DistributedDataParallel(build_model(_config(MODELS["gpt"], root, tp=1, seed=9), pstate, VOCAB))
     fresh_opt = build_optimizer(fresh.module, cfg.optim, pstate.device)
-    load_checkpoint(cfg, pstate, fresh, fresh_opt, build_scheduler(fresh_opt, cfg.optim, train_steps=10), None)
+    resumed = load_checkpoint(cfg, pstate, fresh, fresh_opt, build_scheduler(fresh_opt, cfg.optim, train_steps=10), None)
+    ckpt_io.set_rng_state(resumed["rng_state"])  # as the trainer does, right before its first step
     restored = {"rng": torch.equal(torch.rand(4), after_save),
                 "weights": all(torch.equal(weights[k], v) for k, v in fresh.module.state_dict().items())}
 

@@ -25,6 +25,7 @@ and plain lists for that reason.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -330,6 +331,7 @@ def save_checkpoint(cfg, pstate, iteration: int, model, optimizer, scheduler, sc
     model = unwrap(model)
 
     def write_files() -> dict[str, dict]:
+        _check_finite(iteration, model, optimizer)
         if cfg.operation.save_dist_ckpt:
             files = {str(path.relative_to(tmp)): _file_digest(path, sync=True)
                      for path in distributed.save(tmp / DIST_DIR, pstate, model, optimizer)}
@@ -350,11 +352,33 @@ def save_checkpoint(cfg, pstate, iteration: int, model, optimizer, scheduler, sc
         return files
 
     _on_every_rank(pstate, lambda: tmp.mkdir(parents=True) if pstate.rank == 0 else None)
-    gathered = _on_every_rank(pstate, write_files)
+    try:
+        gathered = _on_every_rank(pstate, write_files)
+    except CheckpointError:
+        if pstate.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+        raise
     files = {name: meta for per_rank in gathered for name, meta in per_rank.items()}
     _on_every_rank(pstate, lambda: _commit(root, tmp, iteration, files, cfg.trainer.keep_last_checkpoints)
                    if pstate.rank == 0 else None)
     return final
+
+
+def _check_finite(iteration: int, model: torch.nn.Module, optimizer) -> None:
+    """Refuse to save a NaN/inf weight or optimizer state: such a checkpoint would become ``latest``
+    and every resume would start from a broken model."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: this rank's part
+
+    tensors = [(name, p) for name, p in model.named_parameters()]
+    if optimizer is not None:
+        tensors += [(f"optimizer state {key} of a parameter", v) for state in optimizer.state.values()
+                    for key, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    for name, tensor in tensors:
+        if not torch.isfinite(local(tensor.detach())).all():
+            raise CheckpointError(f"refusing to save the checkpoint of step {iteration}: {name} holds NaN or inf "
+                                  "values (the training diverged: lower optim.max_lr or raise optim.warmup_steps, "
+                                  "then resume from the previous checkpoint)")
 
 
 def _on_every_rank(pstate, action: Callable[[], Any]) -> list:
@@ -366,7 +390,8 @@ def _on_every_rank(pstate, action: Callable[[], Any]) -> list:
     try:
         result, error = action(), None
     except Exception as e:  # noqa: BLE001 - reported on every rank below
-        result, error = None, f"rank {pstate.rank}: {type(e).__name__}: {e}"
+        what = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+        result, error = None, f"rank {pstate.rank}: " + " ".join(what.split())
     gathered = _all_gather((result, error))
     errors = [err for _, err in gathered if err]
     if errors:
@@ -426,10 +451,13 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
     """Rename the finished temp folder into place, then move ``latest`` to it (rank 0)."""
     if final.exists():
         # Saving an iteration again (e.g. after resuming from an earlier one): a folder cannot be
-        # renamed over a non-empty one, so the old copy steps aside first and is deleted after.
+        # renamed over a non-empty one, so the old copy steps aside first and is deleted once the
+        # new one is in place. A crash in between leaves the old copy as `.old-*`, which `tidy`
+        # (at the next start) renames back: it is never deleted while it is the only copy.
         aside = final.with_name(f"{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
         os.rename(final, aside)
         os.rename(tmp, final)
+        _fsync_dir(root)
         shutil.rmtree(aside)
     else:
         os.rename(tmp, final)
@@ -437,11 +465,36 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
     _write_latest(root, iteration)
 
 
+def tidy(model_path: str | Path) -> None:
+    """Undo what interrupted saves left in ``model_path`` (rank 0, before a run uses it).
+
+    A ``.tmp-*`` folder (a save that never published) is deleted, and so is a ``latest.tmp-*``
+    file. An ``.old-*`` folder (the previous copy of an iteration that was being saved again) is
+    deleted when the new copy is complete, and renamed back to its name when it is not there.
+    """
+    root = Path(model_path)
+    if not root.is_dir():
+        return
+    for child in sorted(root.iterdir()):
+        match = _LEFTOVER.match(child.name)
+        if child.name.startswith(f"{LATEST}.tmp-") and child.is_file():
+            child.unlink()
+        elif match and match.group(2) == "tmp":
+            shutil.rmtree(child, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted save", child)
+        elif match:
+            final = root / match.group(1)
+            if (final / MANIFEST).is_file():
+                shutil.rmtree(child, ignore_errors=True)
+            elif not final.exists() and (child / MANIFEST).is_file():
+                os.rename(child, final)
+                _fsync_dir(root)
+                logger.warning("restored %s from %s: a save replacing it was interrupted", final, child.name)
+
+
 def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
     """Delete leftovers of interrupted saves and, with ``keep_last``, all but the newest K."""
-    for child in root.iterdir():
-        if child.is_dir() and re.match(r"^iter_\d{7,}\.(tmp|old)-", child.name):
-            shutil.rmtree(child, ignore_errors=True)
+    tidy(root)
     if keep_last is None:
         return
     done = complete_checkpoints(root)
@@ -450,6 +503,73 @@ def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
             shutil.rmtree(checkpoint_dir(root, iteration))
             logger.info("removed old checkpoint %s (keep_last_checkpoints=%d)",
                         checkpoint_dir(root, iteration).name, keep_last)
+
+
+# --------------------------------------------------------------------------------------------
+# One run per model_path
+
+
+class ModelPathLock:
+    """An exclusive lock on ``model_path`` for the life of a run (rank 0 holds it).
+
+    ``flock`` on ``model_path/.lock``: the kernel drops it when its process dies, so a lock left by
+    a killed run is never in the way; the file records who holds it, for the refusal's message.
+    """
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path) / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import time
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CheckpointError(f"trainer.model_path {self.path.parent} cannot be used: "
+                                  f"{e.strerror or e} ({e.filename or self.path})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(f"trainer.model_path {self.path.parent} is in use by another run ({holder}, "
+                                  f"lock {self.path}): wait for it to end, or use another trainer.model_path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (harmless, reused)
+            self._fd = None
+
+
+def claim_model_path(cfg, pstate) -> Optional[ModelPathLock]:
+    """Before a training run touches ``trainer.model_path``: rank 0 locks it (CheckpointError on
+    every rank when another run holds it, or when it cannot be created or written) and tidies what
+    interrupted saves left. Collective. Returns the lock to release at the end (rank 0), else None."""
+    if not cfg.trainer.model_path:
+        return None
+    lock, error = None, None
+    if pstate.rank == 0:
+        try:
+            lock = ModelPathLock(cfg.trainer.model_path)
+            lock.acquire()
+            tidy(cfg.trainer.model_path)
+        except CheckpointError as e:
+            lock, error = None, str(e)
+        except OSError as e:
+            lock.release()
+            lock, error = None, f"trainer.model_path {cfg.trainer.model_path} cannot be used: {e}"
+    error = _broadcast_from_rank0(error)
+    if error:
+        raise CheckpointError(error)
+    return lock
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,20 +598,24 @@ def load_checkpoint(cfg, pstate, model, optimizer, scheduler, scaler) -> Optiona
     # The ranks share the checksum work round-robin, then all stop if any file is bad.
     share = sorted(manifest["files"])[pstate.rank::pstate.world_size]
     _raise_if_any(_all_gather(verify_files(folder, manifest, share)))
-    common = torch.load(folder / COMMON_FILE, map_location="cpu", weights_only=True)
+    _require_listed(folder, manifest, COMMON_FILE)
+    common = _read_common(folder / COMMON_FILE)
     model = unwrap(model)
     _check_compatible(cfg, pstate, model, common, folder)
 
     load_optim = optimizer is not None and cfg.optim.load_checkpoint_optim_state
     if common["layout"]["format"] == "dist":
-        distributed.load(folder / DIST_DIR, pstate, model, optimizer if load_optim else None)
+        _require_listed(folder, manifest, f"{DIST_DIR}/.metadata")
+        with _reading(folder / DIST_DIR):
+            distributed.load(folder / DIST_DIR, pstate, model, optimizer if load_optim else None)
     else:
-        _load_single(folder, pstate, model, optimizer if load_optim else None)
+        _load_single(folder, manifest, pstate, model, optimizer if load_optim else None)
 
-    if scheduler is not None and cfg.optim.load_checkpoint_lr_scheduler and common["scheduler"] is not None:
-        scheduler.load_state_dict(common["scheduler"])
-    if scaler is not None and common["scaler"] is not None:
-        scaler.load_state_dict(common["scaler"])
+    with _reading(folder / COMMON_FILE):
+        if scheduler is not None and cfg.optim.load_checkpoint_lr_scheduler and common["scheduler"] is not None:
+            scheduler.load_state_dict(common["scheduler"])
+        if scaler is not None and common["scaler"] is not None:
+            scaler.load_state_dict(common["scaler"])
     rng = _load_rng(folder, pstate, common, manifest)
     _barrier()
     logger.info("resumed from %s%s%s", folder,
@@ -500,7 +624,38 @@ def load_checkpoint(cfg, pstate, model, optimizer, scheduler, scaler) -> Optiona
     return {"iteration": int(common["iteration"]), "data_state": dict(common["data_state"]), "rng_state": rng}
 
 
+def _read_common(path: Path) -> dict:
+    """``common.pt``, with the fields a resume reads checked for their types."""
+    common = _torch_load(path)
+    expected = {"iteration": int, "data_state": dict, "model_shape": dict, "layout": dict}
+    wrong = [k for k, kind in expected.items() if not isinstance(common, dict) or not isinstance(common.get(k), kind)]
+    layout_keys = {"tp_size", "pp_size", "dp_size", "format"}
+    if not wrong and not (layout_keys <= set(common["layout"]) and common["layout"]["format"] in ("dist", "single")):
+        wrong = ["layout"]
+    if not wrong and not isinstance(common["data_state"].get("consumed_samples", 0), int):
+        wrong = ["data_state"]
+    if wrong:
+        raise CheckpointError(f"checkpoint file {path} is not an IronCore checkpoint's common state (missing or "
+                              f"malformed: {', '.join(wrong)}). " + _previous_hint(path.parent))
+    common.setdefault("scheduler", None)
+    common.setdefault("scaler", None)
+    return common
+
+
 def _resume_iteration(cfg) -> Optional[int]:
+    """The iteration to resume from, decided by rank 0 (it may verify files) for every rank."""
+    try:
+        iteration, error = (_choose_iteration(cfg), None) if not _is_distributed() or dist.get_rank() == 0 \
+            else (None, None)
+    except CheckpointError as e:
+        iteration, error = None, str(e)
+    iteration, error = _broadcast_from_rank0((iteration, error))
+    if error:
+        raise CheckpointError(error)
+    return iteration
+
+
+def _choose_iteration(cfg) -> Optional[int]:
     root = cfg.trainer.model_path
     requested = cfg.trainer.load_iteration
     if not root or requested == 0:
@@ -511,7 +666,30 @@ def _resume_iteration(cfg) -> Optional[int]:
                 f"trainer.load_iteration={requested}: {checkpoint_dir(root, requested)} does not exist; "
                 f"complete checkpoints in {root}: {complete_checkpoints(root) or 'none'}")
         return requested
-    return read_latest(root)
+    latest = read_latest(root)
+    if latest is not None:
+        return latest
+    # No pointer, but checkpoint folders: a crash between publishing a first checkpoint and writing
+    # `latest`, or a deleted file. Never start fresh over them (the saves would overwrite them).
+    done = complete_checkpoints(root)
+    for iteration in reversed(done):
+        folder = checkpoint_dir(root, iteration)
+        try:
+            manifest = read_manifest(folder)
+            problem = verify_files(folder, manifest, sorted(manifest["files"]))
+        except CheckpointError as e:
+            problem = str(e)
+        if problem is None:
+            logger.warning("%s has no '%s' pointer: resuming from the newest checkpoint that verifies, %s",
+                           root, LATEST, folder.name)
+            return iteration
+        logger.warning("%s", problem)
+    if done:
+        raise CheckpointError(f"{root} has no '{LATEST}' pointer and none of its checkpoints verifies "
+                              f"({', '.join(checkpoint_dir(root, i).name for i in done)}): set "
+                              "trainer.load_iteration=0 to start fresh (the saves will replace them) or use "
+                              "another trainer.model_path")
+    return None
 
 
 def _previous_hint(folder: Path) -> str:
@@ -524,17 +702,63 @@ def _previous_hint(folder: Path) -> str:
 
 
 def read_manifest(folder: Path) -> dict:
-    """The manifest of a checkpoint folder; CheckpointError when it is missing or unreadable."""
+    """The manifest of a checkpoint folder; CheckpointError when it is missing, unreadable or not a
+    manifest (a ``files`` mapping of relative names to their ``size`` and ``sha256``)."""
     path = folder / MANIFEST
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist. " + _previous_hint(folder))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {folder} is incomplete: {MANIFEST} is missing. " + _previous_hint(folder))
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {folder} is corrupted: {path} is not valid JSON ({e}). "
-                              + _previous_hint(folder)) from e
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {folder} is corrupted: {path} is not valid JSON "
+                              f"({type(e).__name__}). " + _previous_hint(folder)) from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} is corrupted: {path} {problem}. " + _previous_hint(folder))
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> Optional[str]:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return "has no 'files' mapping"
+    for name, entry in manifest["files"].items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            return f"lists a file outside its folder ({name!r})"
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str)):
+            return f"entry {name!r} lacks an integer 'size' and a 'sha256'"
+    return None
+
+
+def _require_listed(folder: Path, manifest: dict, *names: str) -> None:
+    """Only files the manifest vouches for are read."""
+    for name in names:
+        if name not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {folder / MANIFEST} does not list {name}. "
+                                  + _previous_hint(folder))
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """A file that passed its checksum but cannot be used (written by something else, edited with
+    its checksum updated): one line naming it, instead of the loader's traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the file's contents make the loader raise
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded ({detail[:300]}). "
+                              + _previous_hint(path.parent if path.parent.name != DIST_DIR else path.parent.parent)
+                              ) from None
+
+
+def _torch_load(path: Path) -> Any:
+    with _reading(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def verify_files(folder: Path, manifest: dict, names: list[str]) -> Optional[str]:
@@ -573,15 +797,18 @@ def _check_compatible(cfg, pstate, model: torch.nn.Module, common: dict, folder:
             f"operation.save_dist_ckpt=true to change the layout on load.")
 
 
-def _load_single(folder: Path, pstate, model, optimizer) -> None:
+def _load_single(folder: Path, manifest: dict, pstate, model, optimizer) -> None:
     options = StateDictOptions(full_state_dict=True)
-    weights = torch.load(folder / model_file(pstate.tp_rank, pstate.pp_rank), map_location="cpu",
-                         weights_only=True)
-    set_model_state_dict(model, weights, options=options)
+    names = [model_file(pstate.tp_rank, pstate.pp_rank)] + ([optim_file(pstate.tp_rank, pstate.pp_rank)]
+                                                          if optimizer is not None else [])
+    _require_listed(folder, manifest, *names)
+    weights = _torch_load(folder / names[0])
+    with _reading(folder / names[0]):
+        set_model_state_dict(model, weights, options=options)
     if optimizer is not None:
-        state = torch.load(folder / optim_file(pstate.tp_rank, pstate.pp_rank), map_location="cpu",
-                           weights_only=True)
-        set_optimizer_state_dict(model, optimizer, state, options=options)
+        state = _torch_load(folder / names[1])
+        with _reading(folder / names[1]):
+            set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
 def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> Optional[dict]:
@@ -595,4 +822,10 @@ def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> Optional[di
                        "%s): RNGs keep this run's seeds, so the run continues, but not bit-identically to an "
                        "uninterrupted one", folder, saved, current)
         return None
-    return torch.load(folder / rng_file(pstate.rank), map_location="cpu", weights_only=True)
+    path = folder / rng_file(pstate.rank)
+    state = _torch_load(path)
+    with _reading(path):  # check it applies (and leave the streams as they are: the caller sets them)
+        current = rng_state()
+        set_rng_state(state)
+        set_rng_state(current)
+    return state

@@ -59,6 +59,9 @@ class TrainerConfig:
     skip_nonfinite_steps: bool = _f(
         False, "Skip the update of a step whose loss is NaN/inf on any rank (logged with the step and rank) "
         "instead of stopping the run", added=True)
+    max_skipped_steps: int = _f(
+        10, "With `skip_nonfinite_steps`: stop the run (exit status 1) after this many consecutive skipped "
+        "steps, as the model is then broken rather than unlucky", added=True, minimum=1)
 
 
 @dataclass

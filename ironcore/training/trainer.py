@@ -17,7 +17,8 @@ data-parallel size`` sequences:
 3. the step's loss (the last stage's, broadcast over the pipeline) is averaged over the DP group
    (not the world: TP ranks hold the same loss) and a
    NaN/inf loss on any rank stops the run, naming the step and the rank, before the weights change
-   (or, with ``trainer.skip_nonfinite_steps``, skips that step's update on every rank);
+   (or, with ``trainer.skip_nonfinite_steps``, skips that step's update on every rank, and stops
+   after ``trainer.max_skipped_steps`` consecutive skipped steps);
 4. gradients are unscaled (fp16), clipped to ``optim.clip_grad`` by their global norm (TP shards summed,
    TP-replicated parameters counted once, pipeline stages summed), and the optimizer and LR schedule step.
 
@@ -46,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ironcore.checkpoint.io import set_rng_state
+from ironcore.checkpoint.io import claim_model_path, set_rng_state
 from ironcore.config import Config, ConfigError, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
@@ -86,9 +87,13 @@ def train(cfg: Config) -> dict:
     package_logger = logging.getLogger("ironcore")
     log_level, deterministic = package_logger.level, torch.are_deterministic_algorithms_enabled()
     pstate = init_distributed(cfg)
+    lock = None
     try:
+        lock = claim_model_path(cfg, pstate)  # one run per model_path; leftovers of crashed saves tidied
         return Trainer(cfg, pstate).run()
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
         # Leave the process as we found it (train() may be called again, e.g. by tests or notebooks).
         package_logger.setLevel(log_level)
@@ -195,6 +200,7 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.last_grad_norm: Optional[float] = None
         self.warned_no_save = False
+        self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss
         self.warned_no_eval = False
 
     # ------------------------------------------------------------------ one step
@@ -264,7 +270,15 @@ class Trainer:
         if math.isnan(loss):  # skipped non-finite step: its data is consumed, nothing is updated
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self.skipped_in_a_row += 1
+            limit = self.cfg.trainer.max_skipped_steps
+            if self.skipped_in_a_row >= limit:
+                raise NonFiniteLossError(
+                    f"training loss was non-finite at {limit} consecutive steps ({self.step - limit + 1} to "
+                    f"{self.step}, trainer.max_skipped_steps={limit}): the model is broken, stopping without "
+                    "saving. Resume from the last checkpoint with a lower optim.max_lr, or check the data.")
             return StepResult(loss, lr, None, True, tokens * self.pstate.dp_size, time.perf_counter() - t0), signalled
+        self.skipped_in_a_row = 0
         for chunk in self.chunks:
             chunk.sync_sequence_parallel_grads()
         pipeline.finalize_model_grads(self.stages, self.pstate, self.embedding_group)
