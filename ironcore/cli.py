@@ -45,7 +45,8 @@ RUN_ERROR = 1
 # Run-time failures that are the user's to fix (a NaN loss, a corrupted checkpoint, a bad data
 # file, a broken pipeline setup): one line naming the rank and exit status 1, never a traceback.
 _RUN_ERRORS = (("ironcore.training.trainer", "NonFiniteLossError"), ("ironcore.checkpoint.io", "CheckpointError"),
-               ("ironcore.data.indexed", "IndexedDatasetError"), ("ironcore.parallel.pipeline", "PipelineError"))
+               ("ironcore.data.indexed", "IndexedDatasetError"), ("ironcore.parallel.pipeline", "PipelineError"),
+               ("ironcore.observe.loggers", "LoggerError"))
 
 
 def _rank() -> str:

@@ -61,6 +61,7 @@ def _rewrite_manifest(folder: Path, name: str) -> None:
 
 
 SAVE_STEPS = 2
+SMALL = ["model.max_seq_len=32", "model.d_model=32", "model.d_ffn=64", "model.num_attention_heads=2"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def saved(tmp_path_factory) -> Path:
     config = write_config(root, "run", operation={"train_steps": SAVE_STEPS, "no_save": False, "save_dist_ckpt": True,
                                                   "eval_samples": 4, "test_samples": 4},
                           trainer={"micro_batch_size": 1, "train_batch_size": 1}, optim={"max_lr": 1e-3, "warmup_steps": 1})
-    assert cli.main([str(config), "model.max_seq_len=32"]) == 0
+    assert cli.main([str(config), *SMALL]) == 0
     return config
 
 
@@ -104,8 +105,8 @@ def test_crafted_dcp_metadata_never_runs_code(ckpt, tmp_path, entry):
     (folder / "dist" / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
     _rewrite_manifest(folder, "dist/.metadata")
     argv = {
-        "train": ["-m", "ironcore", str(config), "model.max_seq_len=32", f"operation.train_steps={SAVE_STEPS + 1}"],
-        "eval": ["-m", "ironcore", "eval", str(config), "model.max_seq_len=32"],
+        "train": ["-m", "ironcore", str(config), *SMALL, f"operation.train_steps={SAVE_STEPS + 1}"],
+        "eval": ["-m", "ironcore", "eval", str(config), *SMALL],
         "convert-single": [str(ROOT / "tools" / "convert_checkpoint.py"), "--from", "ironcore", "--to", "single",
                            "--input", str(folder), "--output", str(tmp_path / "single")],
         "convert-hf": [str(ROOT / "tools" / "convert_checkpoint.py"), "--from", "ironcore", "--to", "hf",
@@ -170,3 +171,290 @@ def test_resume_with_dropout_is_bitwise_exact_on_two_ranks(tmp_path, layout):
     _resume_copy(tmp_path)
     assert run_distributed(_train, 2, resumed)[0]["steps"] == STEPS
     _check_exact(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A crash between any two filesystem operations of a save leaves a loadable `latest`
+
+
+class _Crash(BaseException):
+    """A process dying at this instant (not an Exception: nothing may catch and tidy it)."""
+
+
+_FS_OPS = ("open", "rename", "replace", "mkdir", "fsync", "unlink", "rmdir", "write", "ftruncate")
+
+
+def _count_fs_ops(monkeypatch, crash_at: int | None) -> list:
+    """Hook the OS calls a save makes; raise _Crash before the call numbered `crash_at`."""
+    done: list = []
+    for name in _FS_OPS:
+        real = getattr(os, name)
+
+        def hooked(*args, _real=real, _name=name, **kwargs):
+            if crash_at is not None and len(done) == crash_at:
+                raise _Crash(_name)
+            done.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, hooked)
+    # Files the checkpoint code opens itself (`open(path, "wb")`) count too.
+    from ironcore.checkpoint import io as ckpt_io
+
+    def hooked_open(*args, **kwargs):
+        if crash_at is not None and len(done) == crash_at:
+            raise _Crash("open file")
+        done.append("open file")
+        return open(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io, "open", hooked_open, raising=False)
+    return done
+
+
+def _linear(value: float) -> torch.nn.Linear:
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(value)
+        model.bias.fill_(value)
+    return model
+
+
+@pytest.mark.parametrize("again", [True, False], ids=["same-iteration-again", "next-iteration"])
+def test_crash_at_every_instant_of_a_save_leaves_a_loadable_latest(tmp_path, monkeypatch, again):
+    from ironcore.checkpoint import io as ckpt_io
+    from ironcore.config import Config
+    from ironcore.parallel.state import ParallelState
+
+    def cfg_for(root: Path) -> Config:
+        cfg = Config()
+        cfg.trainer.model_path = str(root)
+        return cfg
+
+    new_iteration = 2 if again else 4
+
+    def attempt(root: Path, crash_at: int | None) -> list:
+        ckpt_io.save_checkpoint(cfg_for(root), ParallelState(), 2, _linear(1.0), None, None, None, {"consumed_samples": 2})
+        with monkeypatch.context() as m:
+            ops = _count_fs_ops(m, crash_at)
+            try:
+                ckpt_io.save_checkpoint(cfg_for(root), ParallelState(), new_iteration, _linear(2.0), None, None, None,
+                                        {"consumed_samples": new_iteration})
+            except _Crash:
+                pass
+        return ops
+
+    ops = attempt(tmp_path / "count", None)
+    total = len(ops)
+    assert total > 20 and {"open file", "fsync", "rename", "replace"} <= set(ops)  # the save's files, manifest, renames and `latest` are all counted
+    for k in range(total + 1):
+        root = tmp_path / f"crash{k}"
+        attempt(root, k)
+        lock = ckpt_io.claim_model_path(cfg_for(root), ParallelState())  # the next start
+        lock.release()
+        model = _linear(0.0)
+        resumed = ckpt_io.load_checkpoint(cfg_for(root), ParallelState(), model, None, None, None)
+        value = model.weight[0, 0].item()
+        assert (resumed["iteration"], value) in {(2, 1.0), (new_iteration, 2.0)}, k
+        assert value == 2.0 or k < total
+        leftovers = [p.name for p in root.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+        assert leftovers == [], (k, leftovers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruptions: exit 1, one line naming the file, no traceback
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _edit_manifest(edit):
+    def apply(folder: Path) -> None:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps(edit(manifest)))
+    return apply
+
+
+def _replace(name: str, data, rehash: bool = True):
+    def apply(folder: Path) -> None:
+        path = folder / name
+        path.write_bytes(data(path.read_bytes()) if callable(data) else data)
+        if rehash:
+            _rewrite_manifest(folder, name)
+    return apply
+
+
+def _renamed_metadata(data: bytes) -> bytes:
+    """A well-formed DCP index whose tensors have other names (another model's)."""
+    from ironcore.checkpoint.distributed import _MetadataUnpickler
+    import io
+    metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    metadata.state_dict_metadata = {f"{k}.other": v for k, v in metadata.state_dict_metadata.items()}
+    return pickle.dumps(metadata)
+
+
+def _set_latest(data: bytes):
+    def apply(folder: Path) -> None:
+        (folder.parent / "latest").write_bytes(data)
+    return apply
+
+
+def _drop_entry_key(name: str, key: str):
+    def edit(manifest: dict) -> dict:
+        del manifest["files"][name][key]
+        return manifest
+    return edit
+
+
+ITER = f"iter_{SAVE_STEPS:07d}"
+# (case, damage applied to the checkpoint folder, the file the one-line error must name)
+CORRUPTIONS = [
+    ("latest-garbled", _set_latest(b"five\n"), "latest"),
+    ("latest-5000-digits", _set_latest(b"9" * 5000), "latest"),
+    ("latest-not-utf8", _set_latest(b"\xff\xfe\x00"), "latest"),
+    ("latest-names-missing-folder", _set_latest(b"7\n"), "iter_0000007"),
+    ("manifest-missing", lambda f: (f / "manifest.json").unlink(), f"{ITER}/manifest.json" and ITER),
+    ("manifest-not-json", _replace("manifest.json", b"{", rehash=False), f"{ITER}/manifest.json"),
+    ("manifest-not-utf8", _replace("manifest.json", b"\xff\xfe{}", rehash=False), f"{ITER}/manifest.json"),
+    ("manifest-without-files", _edit_manifest(lambda m: {"iteration": 2}), f"{ITER}/manifest.json"),
+    ("manifest-files-a-list", _edit_manifest(lambda m: {**m, "files": list(m["files"])}), f"{ITER}/manifest.json"),
+    ("manifest-entry-without-size", _edit_manifest(_drop_entry_key("common.pt", "size")), f"{ITER}/manifest.json"),
+    ("manifest-size-a-string", _edit_manifest(lambda m: {**m, "files": {**m["files"], "common.pt": {
+        **m["files"]["common.pt"], "size": "12"}}}), f"{ITER}/manifest.json"),
+    ("manifest-path-outside", _edit_manifest(lambda m: {**m, "files": {**m["files"], "../x": m["files"]["common.pt"]}}),
+     f"{ITER}/manifest.json"),
+    ("manifest-omits-common", _edit_manifest(lambda m: {**m, "files": {
+        k: v for k, v in m["files"].items() if k != "common.pt"}}), f"{ITER}/manifest.json"),
+    ("common-truncated", _replace("common.pt", lambda d: d[:100], rehash=False), f"{ITER}/common.pt"),
+    ("distcp-flipped", _replace("dist/__0_0.distcp", lambda d: d[:-1] + bytes([d[-1] ^ 1]), rehash=False),
+     f"{ITER}/dist/__0_0.distcp"),
+    ("distcp-truncated-rehashed", _replace("dist/__0_0.distcp", lambda d: d[: len(d) // 2]), f"{ITER}/dist"),
+    ("common-wrong-keys-rehashed", _replace("common.pt", _torch_bytes({"step": 2})), f"{ITER}/common.pt"),
+    ("common-not-torch-rehashed", _replace("common.pt", b"not a torch file"), f"{ITER}/common.pt"),
+    ("metadata-garbage-rehashed", _replace("dist/.metadata", b"\x80\x04garbage"), f"{ITER}/dist/.metadata"),
+    ("metadata-other-keys-rehashed", _replace("dist/.metadata", _renamed_metadata), f"{ITER}/dist"),
+    ("stage-garbage-rehashed", _replace("dist/stage_pp00.pt", b"garbage"), f"{ITER}/dist/stage_pp00.pt"),
+    ("rng-wrong-keys-rehashed", _replace("rng_rank00000.pt", _torch_bytes({"python": 1})), f"{ITER}/rng_rank00000.pt"),
+]
+
+
+def test_at_least_17_corruption_cases():
+    assert len({c[0] for c in CORRUPTIONS}) == len(CORRUPTIONS) >= 17
+
+
+def _train_cli(config: Path, capsys, *overrides: str) -> tuple[int, str]:
+    capsys.readouterr()
+    status = cli.main([str(config), *SMALL, "utils.log_level=ERROR", *overrides])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,damage,named", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupted_checkpoint_is_one_line_naming_the_file(ckpt, capsys, name, damage, named):
+    config, model_path = ckpt
+    damage(model_path / ITER)
+    status, err = _train_cli(config, capsys, f"operation.train_steps={SAVE_STEPS + 2}")
+    assert status == 1, err
+    _one_line_error(err, "ironcore train: rank 0:", str(model_path / named))
+    assert len(err) < 1500  # never the file's contents
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. No `latest` but checkpoints: resume from the newest that verifies, never overwrite
+
+
+def test_missing_latest_resumes_from_newest_verifying_checkpoint(ckpt, capsys, caplog):
+    config, model_path = ckpt
+    (model_path / "latest").unlink()
+    status, err = _train_cli(config, capsys, f"operation.train_steps={SAVE_STEPS + 1}")
+    assert status == 0, err
+    assert (model_path / "latest").read_text().strip() == str(SAVE_STEPS + 1)
+    assert sorted(losses(model_path)) == [1, 2, 3]  # steps 1-2 from the first run, then only step 3
+
+
+def test_missing_latest_and_no_verifying_checkpoint_refuses(ckpt, capsys):
+    config, model_path = ckpt
+    (model_path / "latest").unlink()
+    damaged = model_path / ITER / "common.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    before = (model_path / ITER / "manifest.json").read_bytes()
+    status, err = _train_cli(config, capsys, f"operation.train_steps={SAVE_STEPS + 1}")
+    assert status == 1
+    _one_line_error(err, str(model_path), ITER, "trainer.load_iteration=0")
+    assert (model_path / ITER / "manifest.json").read_bytes() == before and not (model_path / "latest").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Never a non-finite checkpoint; skipped steps are bounded
+
+
+def test_infinite_lr_never_publishes_a_checkpoint(ckpt, capsys):
+    config, model_path = ckpt
+    status, err = _train_cli(config, capsys, "optim.max_lr=.inf", f"operation.train_steps={SAVE_STEPS + 1}")
+    assert status == 1
+    _one_line_error(err, f"step {SAVE_STEPS + 1}", "NaN or inf")
+    assert (model_path / "latest").read_text().strip() == str(SAVE_STEPS)
+    assert sorted(p.name for p in model_path.iterdir() if p.name.startswith("iter_")) == [ITER]
+
+
+def test_skipped_steps_are_bounded(ckpt, capsys):
+    config, model_path = ckpt
+    status, err = _train_cli(config, capsys, "optim.max_lr=.inf", "trainer.skip_nonfinite_steps=true",
+                             "trainer.max_skipped_steps=2", "operation.train_steps=10", "operation.no_save=true")
+    assert status == 1
+    # Step 3 makes the weights infinite; steps 4 and 5 are skipped, then the run stops.
+    _one_line_error(err, "2 consecutive steps (4 to 5, trainer.max_skipped_steps=2)")
+    assert (model_path / "latest").read_text().strip() == str(SAVE_STEPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per model_path, leftovers tidied, unusable folders and full disks are one line
+
+
+def test_second_run_on_a_model_path_is_refused(ckpt, capsys):
+    from ironcore.checkpoint.io import ModelPathLock
+
+    config, model_path = ckpt
+    lock = ModelPathLock(model_path)
+    lock.acquire()  # another run holds it
+    try:
+        status, err = _train_cli(config, capsys, f"operation.train_steps={SAVE_STEPS + 1}")
+    finally:
+        lock.release()
+    assert status == 1
+    _one_line_error(err, f"trainer.model_path {model_path} is in use by another run (pid {os.getpid()}")
+    # A lock file left by a dead process is no obstacle (the kernel dropped its lock), and a killed
+    # save's temporary folder is removed at the start.
+    (model_path / ".lock").write_text("pid 999999 on elsewhere\n")
+    (model_path / f"iter_{SAVE_STEPS + 1:07d}.tmp-0badf00d").mkdir()
+    status, err = _train_cli(config, capsys, f"operation.train_steps={SAVE_STEPS + 1}")
+    assert status == 0, err
+    assert sorted(p.name for p in model_path.iterdir() if p.name.startswith("iter_")) == [
+        ITER, f"iter_{SAVE_STEPS + 1:07d}"]
+
+
+@pytest.mark.parametrize("key", ["trainer.model_path", "utils.tensorboard_dir"])
+def test_output_folder_under_a_file_is_one_line(ckpt, capsys, tmp_path, key):
+    config, _ = ckpt
+    (tmp_path / "a-file").write_text("x")
+    status, err = _train_cli(config, capsys, f"{key}={tmp_path / 'a-file' / 'sub'}")
+    assert status == 1
+    _one_line_error(err, key, str(tmp_path / "a-file"))
+
+
+def test_disk_full_during_a_distributed_save_is_one_line(ckpt, capsys, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
+    config, model_path = ckpt
+    status, err = _train_cli(config, capsys, f"operation.train_steps={SAVE_STEPS + 1}")
+    assert status == 1
+    _one_line_error(err, "No space left on device", str(model_path / f"iter_{SAVE_STEPS + 1:07d}"))
+    assert (model_path / "latest").read_text().strip() == str(SAVE_STEPS)
+    assert not [p for p in model_path.iterdir() if ".tmp-" in p.name]

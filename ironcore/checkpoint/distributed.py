@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ironcore.checkpoint.errors import CheckpointError
+from ironcore.checkpoint.errors import CheckpointError, load_file, one_line
 from ironcore.model.gpt import padded_vocab_size
 
 _STAGE_FILE = "stage_pp{:02d}.pt"  # per pipeline stage: optimizer param groups, vocab-parallel names
@@ -290,9 +290,8 @@ def _dcp_errors(directory: Path, action: str):
         first = next((c for c in causes if isinstance(c, CheckpointError)), causes[0] if causes else None)
         if isinstance(first, CheckpointError):
             raise CheckpointError(str(first)) from None
-        detail = f"{type(first).__name__}: {first}" if first is not None else "failed"
-        raise CheckpointError(f"{action} the distributed checkpoint {directory} failed: "
-                              + " ".join(detail.split())) from None
+        detail = one_line(first) if first is not None else "failed"
+        raise CheckpointError(f"{action} the distributed checkpoint {directory} failed: {detail}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,9 +343,10 @@ def load(directory: Path, pstate, model: torch.nn.Module, optimizer) -> None:
     set_model_state_dict(model, model_sd)
     if optim_sd is not None:
         first_stage = directory / _STAGE_FILE.format(0)
-        saved_groups = torch.load(first_stage, weights_only=True)["param_groups"]
-        if saved_groups is None or len(saved_groups) != len(optim_sd["param_groups"]):
-            raise ValueError(f"{first_stage} holds {len(saved_groups or [])} optimizer param groups, this "
+        stage = load_file(first_stage)
+        saved_groups = stage.get("param_groups") if isinstance(stage, dict) else None
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(optim_sd["param_groups"]):
+            raise CheckpointError(f"{first_stage} holds {len(saved_groups or [])} optimizer param groups, this "
                              f"optimizer has {len(optim_sd['param_groups'])}: load the weights only with "
                              "optim.load_checkpoint_optim_state=false")
         for mine, saved in zip(optim_sd["param_groups"], saved_groups):
@@ -374,7 +374,7 @@ def to_single_file(dist_dir: str | Path, out_dir: str | Path) -> Path:
     folder = Path(dist_dir)
     common, config = _verified_source(folder, ckpt_io)
     source = folder / ckpt_io.DIST_DIR
-    stages = [torch.load(path, weights_only=True) for path in sorted(source.glob("stage_pp*.pt"))]
+    stages = [load_file(path) for path in sorted(source.glob("stage_pp*.pt"))]
     tensors = _read_all_tensors(source)
 
     vocab = {name for stage in stages for name in stage["vocab_parallel"]}
@@ -421,7 +421,7 @@ def _verified_source(folder: Path, ckpt_io) -> tuple[dict, dict]:
     problem = ckpt_io.verify_files(folder, manifest, sorted(manifest["files"]))
     if problem:
         raise ckpt_io.CheckpointError(problem)
-    common = torch.load(folder / ckpt_io.COMMON_FILE, weights_only=True)
+    common = load_file(folder / ckpt_io.COMMON_FILE)
     if common["layout"]["format"] != "dist":
         raise ValueError(f"{folder} is a single-file checkpoint already (saved without operation.save_dist_ckpt)")
     return common, yaml.safe_load((folder / ckpt_io.CONFIG_FILE).read_text())

@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ironcore.checkpoint import distributed
-from ironcore.checkpoint.errors import CheckpointError
+from ironcore.checkpoint.errors import CheckpointError, load_file, one_line
 from ironcore.config import to_dict
 from ironcore.parallel.data_parallel import full_state_dict_options
 from ironcore.parallel.random import get_rng_tracker
@@ -741,6 +741,11 @@ def _require_listed(folder: Path, manifest: dict, *names: str) -> None:
                                   + _previous_hint(folder))
 
 
+def _hint_for(path: Path) -> str:
+    folder = path.parent if path.parent.name != DIST_DIR else path.parent.parent
+    return _previous_hint(folder if _ITER_DIR.match(folder.name) else path)
+
+
 @contextlib.contextmanager
 def _reading(path: Path):
     """A file that passed its checksum but cannot be used (written by something else, edited with
@@ -750,15 +755,14 @@ def _reading(path: Path):
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the file's contents make the loader raise
-        detail = " ".join(f"{type(e).__name__}: {e}".split())
-        raise CheckpointError(f"checkpoint file {path} cannot be loaded ({detail[:300]}). "
-                              + _previous_hint(path.parent if path.parent.name != DIST_DIR else path.parent.parent)
-                              ) from None
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded ({one_line(e)}). " + _hint_for(path)) from None
 
 
 def _torch_load(path: Path) -> Any:
-    with _reading(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return load_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. {_hint_for(path)}") from None
 
 
 def verify_files(folder: Path, manifest: dict, names: list[str]) -> Optional[str]:

@@ -30,6 +30,11 @@ from ironcore.config import ConfigError
 
 logger = logging.getLogger("ironcore.train")
 
+
+class LoggerError(RuntimeError):
+    """A metrics sink that cannot be opened (unwritable TensorBoard folder, unreachable MLflow server):
+    one line naming it; the command line exits with status 1."""
+
 _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's batch limit
 _MLFLOW_PARAM_CHARS = 6000  # MLflow's value length limit
 
@@ -84,7 +89,11 @@ class TrainingLogger:
             self._jsonl = open(Path(cfg.trainer.model_path) / "metrics.jsonl", "a", encoding="utf-8")
         if cfg.utils.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=cfg.utils.tensorboard_dir)
+            try:
+                self._tb = SummaryWriter(log_dir=cfg.utils.tensorboard_dir)
+            except OSError as e:
+                raise LoggerError(f"utils.tensorboard_dir {cfg.utils.tensorboard_dir} cannot be written: "
+                                  f"{e.strerror or e} ({e.filename or cfg.utils.tensorboard_dir})") from None
             self._tb.add_text("config", "```\n" + yaml.safe_dump(resolved_config, sort_keys=False) + "```", 0)
             logger.info("TensorBoard: %s", cfg.utils.tensorboard_dir)
         if cfg.utils.mlflow_tracking_uri:
