@@ -458,3 +458,39 @@ def test_disk_full_during_a_distributed_save_is_one_line(ckpt, capsys, monkeypat
     _one_line_error(err, "No space left on device", str(model_path / f"iter_{SAVE_STEPS + 1:07d}"))
     assert (model_path / "latest").read_text().strip() == str(SAVE_STEPS)
     assert not [p for p in model_path.iterdir() if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow: an unreachable server is one line at once; failed runs say so; a resume continues its run
+
+
+def test_unreachable_mlflow_server_fails_fast_in_one_line(ckpt, capsys):
+    import time
+
+    config, _ = ckpt
+    started = time.monotonic()
+    status, err = _train_cli(config, capsys, "utils.mlflow_tracking_uri=http://127.0.0.1:9/",
+                             f"operation.train_steps={SAVE_STEPS + 1}")
+    assert status == 1 and time.monotonic() - started < 30
+    _one_line_error(err, "utils.mlflow_tracking_uri http://127.0.0.1:9/", "no MLflow server answers at 127.0.0.1:9")
+
+
+def test_resumed_run_continues_its_mlflow_run_and_failures_are_marked(ckpt, capsys, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    config, model_path = ckpt
+    uri = (tmp_path / "mlruns").as_uri()
+    for steps in (SAVE_STEPS + 1, SAVE_STEPS + 2):
+        status, err = _train_cli(config, capsys, f"utils.mlflow_tracking_uri={uri}", f"operation.train_steps={steps}")
+        assert status == 0, err
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("run").experiment_id
+    (run,) = client.search_runs([experiment])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [3, 4]
+    assert run.info.status == "FINISHED"
+
+    status, err = _train_cli(config, capsys, f"utils.mlflow_tracking_uri={uri}", "optim.max_lr=.inf",
+                             f"operation.train_steps={SAVE_STEPS + 4}")
+    assert status == 1
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "FAILED"

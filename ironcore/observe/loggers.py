@@ -11,7 +11,9 @@ are already reduced over the ranks that matter). Each sink is opened only when c
   the resolved config as text;
 * MLflow: ``utils.mlflow_tracking_uri`` (an HTTP server, ``file:`` or ``sqlite:`` store), the
   experiment ``utils.mlflow_experiment_name`` (default ``trainer.model_name``); params = the resolved
-  config flattened to ``group.key``, metrics per logged step.
+  config flattened to ``group.key``, metrics per logged step. An HTTP server that does not answer
+  stops the run at once with one line; a run that fails is marked FAILED; a resumed run continues
+  the MLflow run whose id ``model_path/mlflow_run.json`` keeps.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class LoggerError(RuntimeError):
 
 _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's batch limit
 _MLFLOW_PARAM_CHARS = 6000  # MLflow's value length limit
+_MLFLOW_RUN_FILE = "mlflow_run.json"  # in model_path: the run a resumed run continues
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -49,6 +52,36 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at an HTTP tracking URI."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "localhost", port), timeout=timeout).close()
+    except OSError as e:
+        raise LoggerError(f"utils.mlflow_tracking_uri {uri}: no MLflow server answers at {parts.hostname}:{port} "
+                          f"({e.strerror or e}); start it, correct the URI, or unset utils.mlflow_tracking_uri") from None
+
+
+def _continue_run(mlflow, record: Path, uri: str):
+    """The MLflow run a resumed run continues (its id kept in ``model_path``), or None."""
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("tracking_uri") != uri or not isinstance(saved.get("run_id"), str):
+        return None
+    try:
+        return mlflow.start_run(run_id=saved["run_id"])
+    except Exception as e:  # noqa: BLE001 - deleted on the server, another store: start a new one
+        logger.warning("MLflow: cannot continue run %s (%s): starting a new run", saved["run_id"],
+                       " ".join(str(e).split())[:200])
+        return None
 
 
 def _hms(seconds: float) -> str:
@@ -76,7 +109,8 @@ def format_step_line(step: int, train_steps: int, m: dict) -> str:
 class TrainingLogger:
     """Console + ``metrics.jsonl`` + TensorBoard + MLflow sinks for one run (active on rank 0)."""
 
-    def __init__(self, cfg, rank: int, resolved_config: dict):
+    def __init__(self, cfg, rank: int, resolved_config: dict, resumed: bool = False):
+        """``resumed``: the run continues from a checkpoint, so it continues its MLflow run too."""
         self.active = rank == 0
         self.train_steps = cfg.operation.train_steps
         self._jsonl = None
@@ -97,10 +131,10 @@ class TrainingLogger:
             self._tb.add_text("config", "```\n" + yaml.safe_dump(resolved_config, sort_keys=False) + "```", 0)
             logger.info("TensorBoard: %s", cfg.utils.tensorboard_dir)
         if cfg.utils.mlflow_tracking_uri:
-            self._mlflow = self._start_mlflow(cfg, resolved_config)
+            self._mlflow = self._start_mlflow(cfg, resolved_config, resumed)
 
     @staticmethod
-    def _start_mlflow(cfg, resolved_config: dict):
+    def _start_mlflow(cfg, resolved_config: dict, resumed: bool):
         uri = cfg.utils.mlflow_tracking_uri
         if uri.startswith("sqlite:") and importlib.util.find_spec("sqlalchemy") is None:
             # mlflow-skinny (our dependency) has no database stores; it would fail deep inside MLflow.
@@ -110,14 +144,34 @@ class TrainingLogger:
         if uri.startswith("file:"):
             # MLflow 3 refuses its (maintenance-mode) file store unless explicitly allowed.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if uri.startswith(("http:", "https:")):
+            _check_reachable(uri)
+            # MLflow retries an unanswered request for minutes by default: a server that goes away
+            # mid-run should cost seconds per logged step, not stall the training.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         import mlflow
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(cfg.utils.mlflow_experiment_name or cfg.trainer.model_name)
-        run = mlflow.start_run(run_name=cfg.trainer.model_name)
-        params = {k: str(v)[:_MLFLOW_PARAM_CHARS] for k, v in flatten(resolved_config).items()}
-        items = list(params.items())
-        for i in range(0, len(items), _MLFLOW_PARAMS_PER_CALL):
-            mlflow.log_params(dict(items[i:i + _MLFLOW_PARAMS_PER_CALL]))
+        record = Path(cfg.trainer.model_path) / _MLFLOW_RUN_FILE if cfg.trainer.model_path else None
+        try:
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment(cfg.utils.mlflow_experiment_name or cfg.trainer.model_name)
+            run = _continue_run(mlflow, record, uri) if resumed and record is not None else None
+            if run is None:
+                run = mlflow.start_run(run_name=cfg.trainer.model_name)
+            logged = run.data.params
+            params = {k: str(v)[:_MLFLOW_PARAM_CHARS] for k, v in flatten(resolved_config).items()}
+            changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+            if changed:  # MLflow params cannot change: the run keeps the first values
+                logger.warning("MLflow run %s continues with changed config keys, logged with their first "
+                               "values only: %s", run.info.run_id, ", ".join(changed))
+            items = [(k, v) for k, v in params.items() if k not in logged]
+            for i in range(0, len(items), _MLFLOW_PARAMS_PER_CALL):
+                mlflow.log_params(dict(items[i:i + _MLFLOW_PARAMS_PER_CALL]))
+        except Exception as e:  # noqa: BLE001 - MLflow's errors (server, store, permissions): one line
+            raise LoggerError(f"utils.mlflow_tracking_uri {uri}: MLflow failed ({' '.join(str(e).split())[:300]})") \
+                from None
+        if record is not None:
+            record.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}) + "\n")
         logger.info("MLflow: run %s at %s", run.info.run_id, uri)
         return mlflow
 
@@ -158,11 +212,15 @@ class TrainingLogger:
         if norms:
             self._write({"step": step, **norms}, "train")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every sink; ``failed`` marks the MLflow run FAILED (a run that raised)."""
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
         if self._mlflow is not None:
-            self._mlflow.end_run()
+            try:
+                self._mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            except Exception as e:  # noqa: BLE001 - the server went away: the run's outcome stands
+                logger.warning("MLflow: could not end the run (%s)", " ".join(str(e).split())[:200])
         self._jsonl = self._tb = self._mlflow = None

@@ -193,7 +193,7 @@ class Trainer:
         flops = metrics.model_flops_per_token(cfg.model, self.chunks[0].padded_vocab_size, cfg.model.max_seq_len)
         peak = metrics.device_peak_flops(pstate.device, compute_dtype(cfg.model.precision))
         self.throughput = metrics.Throughput(flops, peak, pstate.world_size)
-        self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg))
+        self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg), resumed=resumed is not None)
         self.profiler = Profiler(cfg.utils, pstate.rank, cfg.trainer.model_path)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.last_saved: Optional[int] = self.step if resumed else None
@@ -430,6 +430,9 @@ class Trainer:
                         eval_loss = self._eval("eval")
                     if cfg.trainer.do_eval or cfg.trainer.do_test:
                         test_loss = self._eval("test")
+            except BaseException:
+                self.log.close(failed=True)
+                raise
             finally:
                 self.profiler.close()
                 self.log.close()
