@@ -494,3 +494,56 @@ def test_resumed_run_continues_its_mlflow_run_and_failures_are_marked(ckpt, caps
     assert status == 1
     (run,) = client.search_runs([experiment])
     assert run.info.status == "FAILED"
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers end with their launcher
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_worker_exits_when_the_torchrun_agent_is_killed(ckpt, tmp_path):
+    import signal
+    import time
+
+    config, model_path = ckpt
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ironcore",
+         str(config), *SMALL, "operation.train_steps=100000", "operation.no_save=true", "utils.log_level=ERROR"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        metrics = model_path / "metrics.jsonl"
+        before = len(metrics.read_text().splitlines())
+        while len(metrics.read_text().splitlines()) <= before:  # the worker is training
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = _children(agent.pid)
+        assert len(workers) == 1
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        gone_by = time.monotonic() + 15
+        while Path(f"/proc/{workers[0]}").exists() and Path(f"/proc/{workers[0]}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < gone_by, "the worker outlived its launcher"
+            time.sleep(0.2)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()

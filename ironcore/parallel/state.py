@@ -19,6 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -133,6 +136,33 @@ def build_parallel_state(rank: int, world_size: int, local_rank: int, tp_size: i
     )
 
 
+_WATCHING_LAUNCHER = False
+
+
+def _exit_with_launcher(rank: int) -> None:
+    """Under torchrun, end this worker when its launcher (the elastic agent, our parent) dies.
+
+    torchrun starts its workers in their own sessions, so a SIGKILL of the agent leaves them
+    training and saving as orphans that collide with the relaunched job. A daemon thread notices
+    the parent change (we are re-parented) within a second and exits the process at once; the
+    checkpoints are atomic, so nothing half-written is ever published.
+    """
+    global _WATCHING_LAUNCHER
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _WATCHING_LAUNCHER:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        sys.stderr.write(f"ironcore: rank {rank}: the torchrun agent (pid {launcher}) is gone: exiting\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ironcore-launcher-watch", daemon=True).start()
+    _WATCHING_LAUNCHER = True
+
+
 def init_distributed(cfg) -> ParallelState:
     """Initialise torch.distributed from the launcher's environment and build the process groups.
 
@@ -143,6 +173,7 @@ def init_distributed(cfg) -> ParallelState:
     """
     global _STATE, _OWNS_PROCESS_GROUP
     rank, world_size, local_rank = _launch_env()
+    _exit_with_launcher(rank)
     backend, device = _pick_backend(cfg.parallel.dist_backend, local_rank)
     if not dist.is_initialized():
         timeout = timedelta(minutes=cfg.parallel.timeout_minute)
