@@ -547,3 +547,30 @@ def test_worker_exits_when_the_torchrun_agent_is_killed(ckpt, tmp_path):
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids past the vocabulary are found when the dataset is opened
+
+
+def test_token_id_past_the_vocabulary_is_one_line_naming_the_bin(tmp_path, capsys):
+    import numpy as np
+
+    from ironcore.data.indexed import IndexedDatasetBuilder
+
+    prefix = tmp_path / "data" / "corpus"
+    builder = IndexedDatasetBuilder(str(prefix), 50257)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        builder.add_document([*rng.integers(0, 50000, 63).tolist(), 50256])
+    builder.finalize()
+    tokens = np.memmap(f"{prefix}.bin", dtype=np.uint16, mode="r+")
+    tokens[1234] = 65535  # trains with a finite loss if nobody looks
+    tokens.flush()
+    del tokens
+    config = write_config(tmp_path, "run", data={"task_type": "pretrain", "splits": [0.9, 0.1, 0.0],
+                                                 "train_datasets": [{"path": str(prefix), "weight": 1.0}]},
+                          operation={"train_steps": 2, "no_save": True})
+    status, err = _train_cli(config, capsys)
+    assert status == 1
+    _one_line_error(err, f"{prefix}.bin: token id 65535 at position 1234 is outside the vocabulary")

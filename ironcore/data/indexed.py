@@ -190,6 +190,7 @@ class IndexedDataset:
         self.num_documents = int(ndocs)
         self.num_tokens = int(ntokens)
         self.doc_lengths = np.diff(self.offsets.astype(np.int64))
+        _check_token_ids(bin_path, idx_path, self.tokens, vocab)
 
     def __len__(self) -> int:
         return self.num_documents
@@ -200,6 +201,51 @@ class IndexedDataset:
     def document_mask(self, d: int) -> np.ndarray:
         assert self.mask is not None, "pretrain datasets have no loss mask"
         return self.mask[int(self.offsets[d]): int(self.offsets[d + 1])]
+
+
+_SCAN_CHUNK = 1 << 24  # tokens per step of the range scan (32-64 MB of memmap at a time)
+
+
+def _check_token_ids(bin_path: Path, idx_path: Path, tokens: np.ndarray, vocab: int) -> None:
+    """Every id in ``tokens`` must be a token of the header's vocabulary: an id past it would index
+    past the real embedding rows (or into the padding) and train silently on garbage.
+
+    The scan reads the whole file once; a pair that passed is remembered (by its files' sizes and
+    modification times) in ``$IRONCORE_CACHE_DIR/verified/``, so later opens cost nothing.
+    """
+    if vocab > np.iinfo(tokens.dtype).max and np.iinfo(tokens.dtype).min >= 0:
+        return  # no stored id can be out of range
+    marker = _verified_marker(bin_path, idx_path, vocab)
+    if marker is not None and marker.is_file():
+        return
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[start:start + _SCAN_CHUNK]
+        bad = np.flatnonzero((chunk >= vocab) | (chunk < 0)) if chunk.size else []
+        if len(bad):
+            position = start + int(bad[0])
+            raise IndexedDatasetError(
+                f"{bin_path}: token id {int(tokens[position])} at position {position} is outside the vocabulary of "
+                f"{idx_path.name} ({vocab} ids): the file is damaged or was written for another tokenizer; "
+                "re-run tools/preprocess_data.py")
+    if marker is not None:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            pass  # an unwritable cache only means the scan is repeated next time
+
+
+def _verified_marker(bin_path: Path, idx_path: Path, vocab: int) -> Optional[Path]:
+    import hashlib
+
+    from ironcore.data.cache import cache_dir  # cache builds on this module: imported when used
+
+    try:
+        stats = [(p.resolve(), p.stat().st_size, p.stat().st_mtime_ns) for p in (bin_path, idx_path)]
+    except OSError:
+        return None
+    digest = hashlib.sha256(f"{stats}|{vocab}|v{VERSION}".encode()).hexdigest()[:24]
+    return cache_dir() / "verified" / f"{bin_path.stem}-{digest}"
 
 
 def is_complete(prefix: str) -> bool:
