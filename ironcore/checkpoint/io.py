@@ -16,8 +16,11 @@ Layout of one checkpoint (``trainer.model_path``)::
 Crash safety: every rank writes into ``iter_0001000.tmp-<nonce>/`` and fsyncs its files; after a
 barrier rank 0 writes the manifest, renames the folder to its final name, fsyncs the parent, and
 only then replaces ``latest`` (temp file + ``os.replace``). A process killed at any point leaves
-``latest`` naming the previous complete checkpoint; ``.tmp-*`` folders are never loaded and are
-removed by the next successful save.
+``latest`` naming a complete checkpoint, once `tidy` has run at the next start (under the
+``model_path`` lock of `claim_model_path`): ``.tmp-*`` folders are never loaded and are removed,
+and the old copy of an iteration being saved again is renamed back if the new one never arrived.
+Nothing is saved that holds a NaN/inf. Everything a checkpoint holds is checked before it is used
+(manifest shape, sizes, sha256, contents), and every refusal is a one-line `CheckpointError`.
 
 Everything is read back with ``torch.load(weights_only=True)``: RNG states are stored as tensors
 and plain lists for that reason.
