@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,28 @@ CASES = [
     ("bad-world-size-env", "", [], {}, {"WORLD_SIZE": "two"},
      ["parallel.world_size: environment variable WORLD_SIZE='two' is not a valid positive integer"]),
     ("missing-config-file", None, [], {}, {}, ["{cfg}: config file not found"]),
+    ("megatron-save-interval", "trainer:\n  save_interval: 100\n", [], {}, {},
+     ["trainer.save_interval: unknown key (set at {cfg}:2); did you mean 'trainer.save_checkpoint_steps'? "
+      "(Megatron-LM's --save-interval)"]),
+    ("megatron-lr", "", ["optim.lr=3e-4", "model.hidden_size=64", "trainer.train_iters=5"], {}, {},
+     ["optim.lr: unknown key (set by a command-line override); did you mean 'optim.max_lr'?",
+      "model.hidden_size: unknown key (set by a command-line override); did you mean 'model.d_model'?",
+      "did you mean 'operation.train_steps'? (Megatron-LM's --train-iters)"]),
+    ("infinite-float", "parallel:\n  timeout_minute: .inf\n", [], {}, {},
+     ["parallel.timeout_minute = inf (set at {cfg}:2): must be a finite number"]),
+    ("int-beyond-int64", "trainer:\n  micro_batch_size: 99999999999999999999999\n", [], {}, {},
+     ["trainer.micro_batch_size = 99999999999999999999999 (set at {cfg}:2): must fit in a 64-bit integer"]),
+    ("virtual-stages-without-pp", "", ["parallel.virtual_pipeline_stages=2"], {}, {},
+     ["parallel.virtual_pipeline_stages = 2 (set by a command-line override): interleaving needs pipeline "
+      "parallelism (trainer.pipeline_model_parallel_size >= 2, got 1)"]),
+    ("interleaved-without-pp", "", ["parallel.pipeline_schedule=interleaved"], {}, {},
+     ["parallel.pipeline_schedule = interleaved (set by a command-line override) and "
+      "parallel.virtual_pipeline_stages = 1 (default): interleaving needs pipeline parallelism"]),
+    ("preset-is-not-a-config", "model: secret.txt\n", [], {"secret.txt": "hunter2 is the password\n"}, {},
+     ["secret.txt: a model preset must be a mapping of model keys, got a string (its contents are not shown)"]),
+    ("data-file-is-not-a-config", "data:\n  config_path: secret.txt\n", [],
+     {"secret.txt": "root:hunter2:0:0:\nbin:x:1:1:\n"}, {},
+     ["data: 2 key(s) that are not names (set at", "(its contents are not shown)"]),
 ]
 
 
@@ -163,6 +186,31 @@ def test_bad_input_exits_2_naming_the_key(tmp_path, capsys, monkeypatch, name, t
     assert out == "" and "Traceback" not in err
     for fragment in expected:
         assert fragment.replace("{cfg}", str(cfg)) in err, err
+    assert "hunter2" not in err
+
+
+def _alias_bomb(levels: int = 8) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 9**9 values."""
+    value = "[1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for name in "abcdefghij"[:levels]:
+        value = f"[&{name} {value}, " + ", ".join([f"*{name}"] * 8) + "]"
+    return f"utils:\n  profile_ranks: {value}\n"
+
+
+@pytest.mark.parametrize("text,expected", [
+    (_alias_bomb(), "malformed YAML: aliases expand to more than 100,000 values"),
+    ("trainer:\n  micro_batch_size: " + "[" * 100_000 + "\n", "malformed YAML: nested too deeply"),
+])
+def test_hostile_yaml_exits_2_fast_with_one_line(tmp_path, text, expected):
+    (tmp_path / "run.yaml").write_text(text)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "ironcore", "config", str(tmp_path / "run.yaml")],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert time.monotonic() - start < 10
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == ["ironcore config: 1 configuration error:",
+                                        f"  - {tmp_path / 'run.yaml'}: {expected}"[:len(proc.stderr)]] or \
+        (expected in proc.stderr and len(proc.stderr) < 300), proc.stderr[:500]
 
 
 def test_all_errors_reported_at_once(tmp_path, capsys):

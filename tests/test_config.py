@@ -80,7 +80,7 @@ data | test_datasets | None
 data | vocab_size | 51200
 data | pad_to_max_length | false
 data | pad_token_id | -1
-optim | optimizer | "adam"
+optim | optimizer | "adamw"
 optim | lr_scheduler | "cosine"
 optim | max_lr | 5e-4
 optim | min_lr | 0.0

@@ -99,13 +99,40 @@ def _read_yaml(path: Path, errors: list[str]) -> Any:
         errors.append(f"{display_path(path)}: cannot read the file ({e})")
         return None
     try:
-        return parse_yaml(text)
+        data = parse_yaml(text)
+    except RecursionError:
+        errors.append(f"{display_path(path)}: malformed YAML: nested too deeply")
+        return None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{display_path(path)}:{mark.line + 1}" if mark else display_path(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         errors.append(f"{where}: malformed YAML: {problem}")
         return None
+    if _expanded_size(data) > MAX_EXPANDED_VALUES:
+        errors.append(f"{display_path(path)}: malformed YAML: aliases expand to more than "
+                      f"{MAX_EXPANDED_VALUES:,} values (an alias bomb?)")
+        return None
+    return data
+
+
+MAX_EXPANDED_VALUES = 100_000  # a config is a few hundred values; aliases must not multiply them
+
+
+def _expanded_size(value: Any) -> int:
+    """How many values ``value`` holds once every alias is expanded, counted without expanding:
+    an alias is the same Python object, so each object's size is computed once."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (list, dict)):
+            return 1
+        if id(v) not in sizes:
+            children = v.values() if isinstance(v, dict) else v
+            sizes[id(v)] = min(1 + sum(size(c) for c in children), MAX_EXPANDED_VALUES + 1)
+        return sizes[id(v)]
+
+    return size(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +176,32 @@ def _suggest(word: Any, candidates: list[str], what: str) -> str:
     return _did_you_mean(word, candidates) or f"; {what}: {', '.join(candidates)}"
 
 
+# Megatron-LM flag names (dashes as underscores) users arrive with, and the IronCore key for each.
+MEGATRON_NAMES = {
+    "save_interval": "trainer.save_checkpoint_steps", "train_iters": "operation.train_steps",
+    "global_batch_size": "trainer.train_batch_size", "micro_batch_size": "trainer.micro_batch_size",
+    "lr": "optim.max_lr", "min_lr": "optim.min_lr", "lr_warmup_iters": "optim.warmup_steps",
+    "lr_decay_style": "optim.lr_scheduler", "lr_decay_iters": "optim.annealing_steps",
+    "seq_length": "model.max_seq_len", "hidden_size": "model.d_model",
+    "ffn_hidden_size": "model.d_ffn", "num_layers": "model.num_layers",
+    "num_attention_heads": "model.num_attention_heads", "init_method_std": "init.init_std",
+    "use_distributed_optimizer": "parallel.use_distributed_optimizer",
+    "recompute_granularity": "operation.recompute_strategy", "bf16": "model.precision",
+    "fp16": "model.precision", "tensor_model_parallel_size": "trainer.tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "trainer.pipeline_model_parallel_size",
+    "clip_grad": "optim.clip_grad", "adam_beta1": "optim.adam_beta1", "adam_beta2": "optim.adam_beta2",
+    "weight_decay": "optim.weight_decay", "seed": "init.seed", "save": "trainer.model_path", "load": "trainer.model_path",
+}
+
+
+def _megatron_hint(key: str) -> str:
+    """The IronCore key for a Megatron-LM flag name, when it names an existing key."""
+    target = MEGATRON_NAMES.get(key.replace("-", "_").lstrip("_"))
+    if target is None or target not in validate.leaf_keys(Config):
+        return ""
+    return f"; did you mean '{target}'? (Megatron-LM's --{key.replace('_', '-')})"
+
+
 def _other_group_hint(key: str, group: str) -> str:
     owners = [g for g, cls in GROUPS.items() if g != group and key in {f.name for f in fields(cls)}]
     return f"; did you mean '{owners[0]}.{key}'? ('{key}' belongs to group {owners[0]})" if owners else ""
@@ -160,7 +213,9 @@ def _plan_file(path: Path, top: Any, plans: dict[str, _GroupPlan], errors: list[
         return
     if not isinstance(top, dict):
         errors.append(f"{file}: the top level must be a mapping of groups ({', '.join(GROUPS)}), "
-                      f"got {validate.describe(top)}")
+                      f"got {validate.kind(top)}")
+        return
+    if _not_a_config(top, "the top level", _Layer(top, file, path.parent), errors):
         return
     for key, line in top.duplicates:
         errors.append(f"{file}:{line}: group '{key}' is written twice")
@@ -246,7 +301,7 @@ def _load_preset(group: str, ref: _Ref, errors: list[str]) -> Optional[_Layer]:
         return _Layer({}, file, path.parent, path)
     if not isinstance(content, dict):
         errors.append(f"{file}: a {group} preset must be a mapping of {group} keys, "
-                      f"got {validate.describe(content)}")
+                      f"got {validate.kind(content)} (its contents are not shown)")
         return None
     return _Layer(content, file, path.parent, path)
 
@@ -255,18 +310,33 @@ def _load_preset(group: str, ref: _Ref, errors: list[str]) -> Optional[_Layer]:
 # Merging
 # ---------------------------------------------------------------------------------------------
 
+def _not_a_config(layer_values: dict, prefix: str, layer: _Layer, errors: list[str]) -> bool:
+    """Whether a layer's keys are not names (e.g. ``data.config_path: /etc/shadow``): then the file is
+    named, never what is in it."""
+    odd = [k for k in layer_values if not (isinstance(k, str) and k.isidentifier())]
+    if not odd:
+        return False
+    where = validate.origin(_source(layer_values, odd[0], layer.file))
+    errors.append(f"{prefix}: {len(odd)} key(s) that are not names ({where}); is this a config file? "
+                  f"(its contents are not shown)")
+    return True
+
+
 def _apply(layer_values: dict, target: dict, cls: type, prefix: str, layer: _Layer,
            prov: dict[str, str], dataset_dirs: dict[str, Path], errors: list[str]) -> None:
     """Write one layer's keys for the dataclass ``cls`` into ``target``, recording provenance."""
     schema = {f.name: f for f in fields(cls)}
     for key, line in getattr(layer_values, "duplicates", []):
         errors.append(f"{prefix}.{key} ({layer.file}:{line}): key written twice in the same mapping")
+    if _not_a_config(layer_values, prefix, layer, errors):
+        return
     for key, value in layer_values.items():
         dotted = f"{prefix}.{key}"
         where = _source(layer_values, key, layer.file)
         if key not in schema:
             group = prefix.split(".")[0]
-            hint = _other_group_hint(str(key), group) or _suggest(key, list(schema), f"keys of {prefix}")
+            hint = (_other_group_hint(str(key), group) or _megatron_hint(str(key))
+                    or _suggest(key, list(schema), f"keys of {prefix}"))
             errors.append(f"{dotted}: unknown key ({validate.origin(where)}){hint}")
             continue
         kind = schema[key].default_factory if is_dataclass(schema[key].default_factory) else None

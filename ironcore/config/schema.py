@@ -133,7 +133,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = _f("adam", "Optimizer type (`adam`, `adamw`)", choices=["adam", "adamw"])
+    optimizer: str = _f("adamw", "`adamw`: Adam with decoupled weight decay; `adam`: Adam with coupled L2 "
+                        "weight decay (torch.optim.Adam)", choices=["adam", "adamw"])
     lr_scheduler: str = _f("cosine", "LR scheduler type (`cosine`, `linear`, `constant`, `wsd`)",
                            choices=["cosine", "linear", "constant", "wsd"])
     max_lr: float = _f(5e-4, "Maximum learning rate", minimum=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import reprlib
 import typing
 from dataclasses import Field, asdict, fields, is_dataclass
 from typing import Any, Optional, Union
@@ -21,6 +22,9 @@ from ironcore.config.errors import ConfigError
 from ironcore.config.schema import GROUPS, Config
 
 GPT2_VOCAB_SIZE = 50257
+# Values quoted in messages are cut short (lazily: an alias-expanded list is never printed whole).
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxstring, _EXCERPT.maxother, _EXCERPT.maxlong = 2, 8, 80, 80, 40
 DATASET_ENTRY_KEYS = {"path": "required, a string", "weight": "a number > 0, default 1.0"}
 
 
@@ -55,7 +59,7 @@ def describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
-    return repr(value)
+    return _EXCERPT.repr(value)  # a short excerpt, never the whole (possibly alias-expanded) value
 
 
 def _field_error(errors: list[str], bad: set[str], key: str, value: Any, prov: dict[str, str],
@@ -125,6 +129,16 @@ def _in_range(value: float, meta: dict) -> bool:
     return all(meta.get(k) is None or test(value, meta[k]) for k, test in checks)
 
 
+def _unbounded(value: Any) -> Optional[str]:
+    """Why a number cannot be used (infinite, NaN, or beyond int64, where later arithmetic overflows
+    or loops without bound), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        return "must fit in a 64-bit integer"
+    return None
+
+
 def _check_field(f: Field, hint: Any, value: Any, key: str, prov: dict[str, str], bad: set[str],
                  errors: list[str]) -> tuple[bool, Any]:
     ok, value = _coerce(value, hint)
@@ -134,6 +148,10 @@ def _check_field(f: Field, hint: Any, value: Any, key: str, prov: dict[str, str]
     meta = f.metadata
     if value is None:
         return True, value
+    unbounded = _unbounded(value)
+    if unbounded:
+        _field_error(errors, bad, key, value, prov, unbounded)
+        return False, value
     choices = meta.get("choices")
     if choices and value not in choices:
         allowed = ", ".join(repr(c) for c in choices) + (" or null" if split_optional(hint)[1] else "")
@@ -301,6 +319,13 @@ def _pipeline_layout(cfg: Config, prov: dict[str, str], bad: set[str], errors: l
     as ``parallel.pipeline_layer_split`` lists them; interleaving needs virtual stages."""
     m, p = cfg.model, cfg.parallel
     pp, virtual = cfg.trainer.pipeline_model_parallel_size, p.virtual_pipeline_stages
+    if pp == 1 and (p.pipeline_schedule == "interleaved" or virtual > 1):
+        errors.append(f"parallel.pipeline_schedule = {p.pipeline_schedule} ({origin(prov['parallel.pipeline_schedule'])})"
+                      f" and parallel.virtual_pipeline_stages = {virtual} "
+                      f"({origin(prov['parallel.virtual_pipeline_stages'])}): interleaving needs pipeline "
+                      f"parallelism (trainer.pipeline_model_parallel_size >= 2, got 1); allowed at 1: "
+                      f"virtual_pipeline_stages 1 and a non-interleaved schedule")
+        return
     if (p.pipeline_schedule == "interleaved") != (virtual > 1) and pp > 1:
         errors.append(f"parallel.pipeline_schedule = {p.pipeline_schedule} ({origin(prov['parallel.pipeline_schedule'])})"
                       f" and parallel.virtual_pipeline_stages = {virtual} "

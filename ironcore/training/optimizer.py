@@ -1,17 +1,19 @@
 """Optimizer construction: weight-decay parameter groups and a fused Adam.
 
-Both ``optim.optimizer`` names, ``adam`` and ``adamw``, build Adam with *decoupled* weight decay
-(Loshchilov & Hutter), exactly as Megatron-LM does for its ``adam`` optimizer: the decay is applied
-to the weights directly (``w -= lr * weight_decay * w``) instead of being added to the gradient, so
-it is not rescaled by Adam's second-moment estimate. ``adam`` is kept as an alias because configs of
-earlier IronCore releases (and Megatron's) spell it that way.
+``optim.optimizer`` chooses how weight decay acts:
+
+- ``adamw`` (the default): *decoupled* weight decay (Loshchilov & Hutter), as Megatron-LM's ``adam``
+  does: the decay is applied to the weights directly (``w -= lr * weight_decay * w``), not rescaled
+  by Adam's second-moment estimate;
+- ``adam``: ``torch.optim.Adam`` with *coupled* L2 decay, as torch users expect: ``weight_decay * w``
+  is added to the gradient before the moments are updated. With ``weight_decay: 0`` the two agree.
 
 The implementation, chosen in this order and logged:
-1. ``apex.optimizers.FusedAdam`` (``adam_w_mode=True``) when NVIDIA apex is importable on CUDA
+1. ``apex.optimizers.FusedAdam`` (``adam_w_mode`` as above) when NVIDIA apex is importable on CUDA
    (the unrelated PyPI package called ``apex`` is detected and ignored);
-2. ``torch.optim.AdamW(fused=True)`` on CUDA and CPU (torch's fused CPU kernel is ~10x faster than
-   the foreach implementation on a 16M-parameter model);
-3. ``torch.optim.AdamW`` (foreach) on other devices.
+2. torch's ``AdamW``/``Adam`` with ``fused=True`` on CUDA and CPU (torch's fused CPU kernel is ~10x
+   faster than the foreach implementation on a 16M-parameter model);
+3. the foreach implementation on other devices.
 
 Parameters stay in fp32 (they are the master weights; see ``precision.py``), so the optimizer state
 is fp32 as well.
@@ -77,10 +79,12 @@ def _nvidia_fused_adam():
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Adam with decoupled weight decay over ``param_groups(model, ...)``; lr starts at ``max_lr``
-    and is then driven by the scheduler (``scheduler.build_scheduler``)."""
+    """Adam over ``param_groups(model, ...)`` with decoupled (``adamw``) or coupled L2 (``adam``)
+    weight decay; lr starts at ``max_lr`` and is then driven by the scheduler (``scheduler.build_scheduler``)."""
     if optim.optimizer not in ("adam", "adamw"):
         raise ValueError(f"optim.optimizer: {optim.optimizer!r} is not supported; allowed: adam, adamw")
+    decoupled = optim.optimizer == "adamw"
+    decay = "decoupled weight decay" if decoupled else "coupled L2 weight decay"
     groups = param_groups(model, optim.weight_decay, optim.no_decay_on_embedding)
     for g in groups:
         g.pop("names")  # apex rejects unknown group keys; names are only for inspection
@@ -88,10 +92,11 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) 
                   weight_decay=optim.weight_decay)
     fused_adam = _nvidia_fused_adam() if device.type == "cuda" else None
     if fused_adam is not None:
-        logger.info("optimizer: apex FusedAdam (decoupled weight decay)")
-        return fused_adam(groups, adam_w_mode=True, **kwargs)
+        logger.info("optimizer: apex FusedAdam (%s)", decay)
+        return fused_adam(groups, adam_w_mode=decoupled, **kwargs)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
     if device.type in ("cuda", "cpu"):
-        logger.info("optimizer: torch.optim.AdamW(fused=True) on %s (decoupled weight decay)", device.type)
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    logger.info("optimizer: torch.optim.AdamW (foreach) on %s (decoupled weight decay)", device.type)
-    return torch.optim.AdamW(groups, **kwargs)
+        logger.info("optimizer: torch.optim.%s(fused=True) on %s (%s)", cls.__name__, device.type, decay)
+        return cls(groups, fused=True, **kwargs)
+    logger.info("optimizer: torch.optim.%s (foreach) on %s (%s)", cls.__name__, device.type, decay)
+    return cls(groups, **kwargs)
