@@ -389,9 +389,9 @@ def test_missing_latest_and_no_verifying_checkpoint_refuses(ckpt, capsys):
 # 5. Never a non-finite checkpoint; skipped steps are bounded
 
 
-def test_infinite_lr_never_publishes_a_checkpoint(ckpt, capsys):
+def test_overflowing_lr_never_publishes_a_checkpoint(ckpt, capsys):
     config, model_path = ckpt
-    status, err = _train_cli(config, capsys, "optim.max_lr=.inf", f"operation.train_steps={SAVE_STEPS + 1}")
+    status, err = _train_cli(config, capsys, "optim.max_lr=1e300", f"operation.train_steps={SAVE_STEPS + 1}")
     assert status == 1
     _one_line_error(err, f"step {SAVE_STEPS + 1}", "NaN or inf")
     assert (model_path / "latest").read_text().strip() == str(SAVE_STEPS)
@@ -400,7 +400,7 @@ def test_infinite_lr_never_publishes_a_checkpoint(ckpt, capsys):
 
 def test_skipped_steps_are_bounded(ckpt, capsys):
     config, model_path = ckpt
-    status, err = _train_cli(config, capsys, "optim.max_lr=.inf", "trainer.skip_nonfinite_steps=true",
+    status, err = _train_cli(config, capsys, "optim.max_lr=1e300", "trainer.skip_nonfinite_steps=true",
                              "trainer.max_skipped_steps=2", "operation.train_steps=10", "operation.no_save=true")
     assert status == 1
     # Step 3 makes the weights infinite; steps 4 and 5 are skipped, then the run stops.
@@ -489,7 +489,7 @@ def test_resumed_run_continues_its_mlflow_run_and_failures_are_marked(ckpt, caps
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [3, 4]
     assert run.info.status == "FINISHED"
 
-    status, err = _train_cli(config, capsys, f"utils.mlflow_tracking_uri={uri}", "optim.max_lr=.inf",
+    status, err = _train_cli(config, capsys, f"utils.mlflow_tracking_uri={uri}", "optim.max_lr=1e300",
                              f"operation.train_steps={SAVE_STEPS + 4}")
     assert status == 1
     (run,) = client.search_runs([experiment])
