@@ -222,18 +222,26 @@ def shard_state_dict(full_state_dict: Mapping[str, torch.Tensor], cfg: ModelConf
     """This (pipeline stage, TP rank)'s state dict from a whole-model one (any vocab padding):
     each split parameter is the rank's contiguous chunk along its ``partition_dim``."""
     model = _skeleton(cfg, vocab_size, tp_size, tp_rank, pp_size, pp_rank, vocab_padding_unit)
-    params = dict(model.named_parameters())
+    return local_state_dict(full_state_dict, model, tp_size=tp_size, tp_rank=tp_rank)
+
+
+def local_state_dict(full_state_dict: Mapping[str, torch.Tensor], model: GPTModel, *, tp_size: int,
+                     tp_rank: int) -> StateDict:
+    """The state dict of `model` (one pipeline chunk of one TP rank: a live model or a meta
+    skeleton) cut from a whole-model one: each split parameter is the rank's contiguous chunk along
+    its ``partition_dim``, vocabulary rows padded to the model's."""
     out: StateDict = {}
-    for name, meta in params.items():
+    for name, meta in model.named_parameters():
         source = global_parameter_name(name, model.layer_offset)
-        if name == "output.weight" and source not in full_state_dict and not cfg.untie_embed:
+        if name == "output.weight" and source not in full_state_dict and not model.cfg.untie_embed:
             source = "embedding.word_embeddings.weight"  # tied head held by a separate last stage
         if source not in full_state_dict:
-            raise KeyError(f"state dict has no {source!r} (needed by pipeline stage {pp_rank}, TP rank {tp_rank})")
+            raise KeyError(f"state dict has no {source!r} (needed by the chunk at layer offset "
+                           f"{model.layer_offset}, TP rank {tp_rank})")
         full = full_state_dict[source]
         if getattr(meta, "vocab_parallel", False):
             padded = torch.zeros(model.padded_vocab_size, full.shape[1], dtype=full.dtype)
-            padded[:vocab_size] = full[:vocab_size]
+            padded[:model.vocab_size] = full[:model.vocab_size]
             full = padded
         if getattr(meta, "tensor_model_parallel", False):
             full = full.chunk(tp_size, dim=meta.partition_dim)[tp_rank]
