@@ -93,7 +93,8 @@ def _ironcore_state_dict(cfg: Any, pstate: Any, chunks: list[nn.Module], folder:
     manifest = ckpt_io.read_manifest(folder)
     share = sorted(manifest["files"])[pstate.rank::pstate.world_size]
     ckpt_io._raise_if_any(ckpt_io._all_gather(ckpt_io.verify_files(folder, manifest, share)))
-    common = torch.load(folder / ckpt_io.COMMON_FILE, map_location="cpu", weights_only=True)
+    ckpt_io._require_listed(folder, manifest, ckpt_io.COMMON_FILE, ckpt_io.CONFIG_FILE)
+    common = ckpt_io._read_common(folder / ckpt_io.COMMON_FILE)
     saved, current = common["model_shape"], ckpt_io.model_shape(cfg, _vocab_size(chunks))
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differing:
@@ -102,13 +103,17 @@ def _ironcore_state_dict(cfg: Any, pstate: Any, chunks: list[nn.Module], folder:
                                        for k in differing)])
     layout = common["layout"]
     if layout["format"] == "dist":
+        ckpt_io._require_listed(folder, manifest, f"{ckpt_io.DIST_DIR}/.metadata")
         model = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
-        distributed.load(folder / ckpt_io.DIST_DIR, pstate, model, None)
+        with ckpt_io._reading(folder / ckpt_io.DIST_DIR):
+            distributed.load(folder / ckpt_io.DIST_DIR, pstate, model, None)
         return None
     tp_size, pp_size = layout["tp_size"], layout["pp_size"]
-    shards = {(pp, tp): torch.load(folder / ckpt_io.model_file(tp, pp), map_location="cpu", weights_only=True)
-              for pp in range(pp_size) for tp in range(tp_size)}
+    names = {(pp, tp): ckpt_io.model_file(tp, pp) for pp in range(pp_size) for tp in range(tp_size)}
+    ckpt_io._require_listed(folder, manifest, *names.values())
+    shards = {key: ckpt_io._torch_load(folder / name) for key, name in names.items()}
     # The shards are padded as the saved run padded its vocabulary.
     padding = (yaml.safe_load((folder / ckpt_io.CONFIG_FILE).read_text()) or {})["trainer"]["vocab_padding_unit"]
-    return merge_shards(shards, cfg.model, _vocab_size(chunks), tp_size=tp_size, pp_size=pp_size,
-                        vocab_padding_unit=padding)
+    with ckpt_io._reading(folder):
+        return merge_shards(shards, cfg.model, _vocab_size(chunks), tp_size=tp_size, pp_size=pp_size,
+                            vocab_padding_unit=padding)
