@@ -22,7 +22,7 @@ so they work for any IronCore state dict, not only converted ones.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -34,6 +34,7 @@ from ironcore.parallel.state import ParallelState
 StateDict = dict[str, torch.Tensor]
 
 _GPT2_ACTIVATIONS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+GPT2_EOD_ID = 50256  # `<|endoftext|>` of the GPT-2 BPE
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -93,17 +94,22 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
     raise ValueError(f"Hugging Face model_type {kind!r} is not supported (gpt2, llama)")
 
 
-def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int):
-    """A transformers GPT2Config or LlamaConfig for this model (needs `transformers`)."""
+def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int, bos_token_id: Optional[int] = None,
+                                eos_token_id: Optional[int] = None):
+    """A transformers GPT2Config or LlamaConfig for this model (needs `transformers`), with the
+    tokenizer's special ids (default: GPT-2 BPE's ``<|endoftext|>``, 50256, when the vocabulary has it)."""
     import transformers
 
+    default = GPT2_EOD_ID if vocab_size > GPT2_EOD_ID else None
+    special = {"bos_token_id": default if bos_token_id is None else bos_token_id,
+               "eos_token_id": default if eos_token_id is None else eos_token_id}
     head_dim = cfg.head_dim or cfg.d_model // cfg.num_attention_heads
     if hf_architecture(cfg) == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.num_layers,
             n_head=cfg.num_attention_heads, n_inner=cfg.d_ffn, activation_function="gelu_new",
             layer_norm_epsilon=cfg.ln_eps, embd_pdrop=cfg.dropout_embd, attn_pdrop=cfg.dropout_attn,
-            resid_pdrop=cfg.dropout_mlp, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+            resid_pdrop=cfg.dropout_mlp, **special)
     pe = cfg.positional_embedding
     rope = {"rope_type": "default", "rope_theta": float(pe.base)}
     if pe.scaling_factor != 1.0:
@@ -114,7 +120,7 @@ def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int):
         num_key_value_heads=cfg.num_attention_groups or cfg.num_attention_heads, head_dim=head_dim,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.ln_eps, rope_parameters=rope,
         attention_bias=not cfg.no_bias, mlp_bias=not cfg.no_bias, attention_dropout=cfg.dropout_attn,
-        tie_word_embeddings=not cfg.untie_embed, hidden_act="silu")
+        tie_word_embeddings=not cfg.untie_embed, hidden_act="silu", **special)
 
 
 # --------------------------------------------------------------------------- names
@@ -390,7 +396,37 @@ def export_hf_folder(checkpoint: str, output: str) -> None:
               for pp in range(pp_size) for tp in range(tp_size)}
     full = merge_shards(shards, cfg, vocab_size, tp_size=tp_size, pp_size=pp_size,
                         vocab_padding_unit=config["trainer"]["vocab_padding_unit"])
-    hf_config = hf_config_from_model_config(cfg, vocab_size)
+    bos_id, eos_id = save_hf_tokenizer(cfg, output)
+    hf_config = hf_config_from_model_config(cfg, vocab_size, bos_id, eos_id)
     hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
     hf_model.load_state_dict(ironcore_to_hf(full, cfg, vocab_size), strict=True)
+    hf_model.generation_config = transformers.GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id,
+                                                               pad_token_id=eos_id)
     hf_model.save_pretrained(output)
+
+
+def save_hf_tokenizer(cfg: ModelConfig, output: str) -> tuple[int, int]:
+    """Write the model's tokenizer into `output` as files ``AutoTokenizer.from_pretrained`` loads,
+    encoding exactly as IronCore's; returns its (bos, eos) ids. The GPT-2 BPE is built from the
+    shipped tiktoken ranks by transformers' ``TikTokenConverter`` (offline); a Hugging Face
+    tokenizer folder is saved again as it is."""
+    import transformers
+
+    from ironcore.data import tokenizer as tokenizers
+
+    ours = tokenizers.make_tokenizer(cfg.tokenizer_type, cfg.vocab_name_or_path)
+    if isinstance(ours, tokenizers.GPT2Tokenizer):
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        eod = tokenizers.GPT2_EOD
+        backend = TikTokenConverter(vocab_file=str(tokenizers.GPT2_RANKS), pattern=tokenizers.GPT2_PATTERN,
+                                    extra_special_tokens=[eod]).converted()
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eod, eos_token=eod,
+                                                   unk_token=eod)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(cfg.vocab_name_or_path, local_files_only=True)
+    if tok.eos_token_id != ours.eod_id:
+        raise ValueError(f"the exported tokenizer's EOS id {tok.eos_token_id} is not IronCore's end-of-document "
+                         f"id {ours.eod_id}")
+    tok.save_pretrained(output)
+    return (ours.eod_id if tok.bos_token_id is None else tok.bos_token_id), ours.eod_id
