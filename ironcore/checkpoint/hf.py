@@ -60,6 +60,8 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
     if kind == "gpt2":
         if hf_config.activation_function not in _GPT2_ACTIVATIONS:
             raise ValueError(f"GPT-2 activation {hf_config.activation_function!r} is not supported (gelu_new only)")
+        _refuse(hf_config, {"scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
+                            "add_cross_attention": False})
         cfg = ModelConfig(
             d_model=hf_config.n_embd, d_ffn=hf_config.n_inner or 4 * hf_config.n_embd,
             num_layers=hf_config.n_layer, num_attention_heads=hf_config.n_head,
@@ -79,6 +81,11 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
         rope_type = rope.get("rope_type", "default")
         if rope_type not in ("default", "linear"):
             raise ValueError(f"LLaMA rope_type {rope_type!r} is not supported (default, linear)")
+        if float(theta) != int(theta):
+            raise ValueError(f"LLaMA rope_theta {theta} is not supported: model.positional_embedding.base is an "
+                             "integer")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("LLaMA partial_rotary_factor != 1 is not supported (RoPE rotates the whole head)")
         cfg = ModelConfig(
             d_model=hf_config.hidden_size, d_ffn=hf_config.intermediate_size,
             num_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
@@ -92,6 +99,15 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
                 type="rope", base=int(theta), scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0))
         return cfg, hf_config.vocab_size
     raise ValueError(f"Hugging Face model_type {kind!r} is not supported (gpt2, llama)")
+
+
+def _refuse(hf_config: Any, supported: dict[str, Any]) -> None:
+    """ValueError naming the HF config fields (that change the numerics) set to what IronCore does
+    not implement."""
+    wrong = [f"{k}={getattr(hf_config, k)!r} (supported: {v!r})" for k, v in supported.items()
+             if getattr(hf_config, k, v) != v]
+    if wrong:
+        raise ValueError(f"{hf_config.model_type} config fields not supported by IronCore: {', '.join(wrong)}")
 
 
 def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int, bos_token_id: Optional[int] = None,
@@ -291,7 +307,7 @@ def ironcore_to_hf(full_state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig
 
 # --------------------------------------------------------------------------------------------- folders
 
-_SHAPE_FIELDS = ("d_model", "d_ffn", "num_layers", "num_attention_heads", "ln_type", "activation_type",
+_SHAPE_FIELDS = ("d_model", "d_ffn", "num_layers", "num_attention_heads", "ln_type", "ln_eps", "activation_type",
                  "no_bias", "untie_embed", "post_ln")
 
 
