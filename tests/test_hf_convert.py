@@ -12,6 +12,7 @@ import torch
 
 from ironcore.checkpoint.hf import (
     hf_architecture,
+    check_matches_hf,
     hf_config_from_model_config,
     hf_to_ironcore,
     ironcore_to_hf,
@@ -109,6 +110,21 @@ def test_unsupported_configs_fail_clearly():
         hf_architecture(ModelConfig(ln_type="rmsnorm", activation_type="gelu"))
     with pytest.raises(ValueError, match="model_type 'bert'"):
         model_config_from_hf(transformers.BertConfig())
+    # HF options that change the numerics and that IronCore does not implement are refused.
+    for bad, match in [(transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse"),
+                       (transformers.GPT2Config(scale_attn_weights=False), "scale_attn_weights"),
+                       (transformers.LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": 5e5 + 0.5}),
+                        "rope_theta 500000.5"),
+                       (transformers.LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                                                  "factor": 2.0}), "rope_type 'yarn'")]:
+        with pytest.raises(ValueError, match=match):
+            model_config_from_hf(bad)
+    # A model config whose norm epsilon differs from the checkpoint's is refused, naming the key.
+    llama = model_preset("tiny-llama")
+    hf_config = hf_config_from_model_config(llama, VOCAB)
+    llama.ln_eps = 1e-5
+    with pytest.raises(ValueError, match="model.ln_eps: config has 1e-05, the Hugging Face model has 1e-06"):
+        check_matches_hf(llama, hf_config)
 
 
 def test_convert_tool_hf_to_ironcore_tp2_and_back(tmp_path):

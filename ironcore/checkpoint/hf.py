@@ -22,7 +22,7 @@ so they work for any IronCore state dict, not only converted ones.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -34,6 +34,7 @@ from ironcore.parallel.state import ParallelState
 StateDict = dict[str, torch.Tensor]
 
 _GPT2_ACTIVATIONS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+GPT2_EOD_ID = 50256  # `<|endoftext|>` of the GPT-2 BPE
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -59,6 +60,8 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
     if kind == "gpt2":
         if hf_config.activation_function not in _GPT2_ACTIVATIONS:
             raise ValueError(f"GPT-2 activation {hf_config.activation_function!r} is not supported (gelu_new only)")
+        _refuse(hf_config, {"scale_attn_by_inverse_layer_idx": False, "scale_attn_weights": True,
+                            "add_cross_attention": False})
         cfg = ModelConfig(
             d_model=hf_config.n_embd, d_ffn=hf_config.n_inner or 4 * hf_config.n_embd,
             num_layers=hf_config.n_layer, num_attention_heads=hf_config.n_head,
@@ -78,6 +81,11 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
         rope_type = rope.get("rope_type", "default")
         if rope_type not in ("default", "linear"):
             raise ValueError(f"LLaMA rope_type {rope_type!r} is not supported (default, linear)")
+        if float(theta) != int(theta):
+            raise ValueError(f"LLaMA rope_theta {theta} is not supported: model.positional_embedding.base is an "
+                             "integer")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("LLaMA partial_rotary_factor != 1 is not supported (RoPE rotates the whole head)")
         cfg = ModelConfig(
             d_model=hf_config.hidden_size, d_ffn=hf_config.intermediate_size,
             num_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
@@ -93,17 +101,31 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
     raise ValueError(f"Hugging Face model_type {kind!r} is not supported (gpt2, llama)")
 
 
-def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int):
-    """A transformers GPT2Config or LlamaConfig for this model (needs `transformers`)."""
+def _refuse(hf_config: Any, supported: dict[str, Any]) -> None:
+    """ValueError naming the HF config fields (that change the numerics) set to what IronCore does
+    not implement."""
+    wrong = [f"{k}={getattr(hf_config, k)!r} (supported: {v!r})" for k, v in supported.items()
+             if getattr(hf_config, k, v) != v]
+    if wrong:
+        raise ValueError(f"{hf_config.model_type} config fields not supported by IronCore: {', '.join(wrong)}")
+
+
+def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int, bos_token_id: Optional[int] = None,
+                                eos_token_id: Optional[int] = None):
+    """A transformers GPT2Config or LlamaConfig for this model (needs `transformers`), with the
+    tokenizer's special ids (default: GPT-2 BPE's ``<|endoftext|>``, 50256, when the vocabulary has it)."""
     import transformers
 
+    default = GPT2_EOD_ID if vocab_size > GPT2_EOD_ID else None
+    special = {"bos_token_id": default if bos_token_id is None else bos_token_id,
+               "eos_token_id": default if eos_token_id is None else eos_token_id}
     head_dim = cfg.head_dim or cfg.d_model // cfg.num_attention_heads
     if hf_architecture(cfg) == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.num_layers,
             n_head=cfg.num_attention_heads, n_inner=cfg.d_ffn, activation_function="gelu_new",
             layer_norm_epsilon=cfg.ln_eps, embd_pdrop=cfg.dropout_embd, attn_pdrop=cfg.dropout_attn,
-            resid_pdrop=cfg.dropout_mlp, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+            resid_pdrop=cfg.dropout_mlp, **special)
     pe = cfg.positional_embedding
     rope = {"rope_type": "default", "rope_theta": float(pe.base)}
     if pe.scaling_factor != 1.0:
@@ -114,7 +136,7 @@ def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int):
         num_key_value_heads=cfg.num_attention_groups or cfg.num_attention_heads, head_dim=head_dim,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.ln_eps, rope_parameters=rope,
         attention_bias=not cfg.no_bias, mlp_bias=not cfg.no_bias, attention_dropout=cfg.dropout_attn,
-        tie_word_embeddings=not cfg.untie_embed, hidden_act="silu")
+        tie_word_embeddings=not cfg.untie_embed, hidden_act="silu", **special)
 
 
 # --------------------------------------------------------------------------- names
@@ -222,18 +244,26 @@ def shard_state_dict(full_state_dict: Mapping[str, torch.Tensor], cfg: ModelConf
     """This (pipeline stage, TP rank)'s state dict from a whole-model one (any vocab padding):
     each split parameter is the rank's contiguous chunk along its ``partition_dim``."""
     model = _skeleton(cfg, vocab_size, tp_size, tp_rank, pp_size, pp_rank, vocab_padding_unit)
-    params = dict(model.named_parameters())
+    return local_state_dict(full_state_dict, model, tp_size=tp_size, tp_rank=tp_rank)
+
+
+def local_state_dict(full_state_dict: Mapping[str, torch.Tensor], model: GPTModel, *, tp_size: int,
+                     tp_rank: int) -> StateDict:
+    """The state dict of `model` (one pipeline chunk of one TP rank: a live model or a meta
+    skeleton) cut from a whole-model one: each split parameter is the rank's contiguous chunk along
+    its ``partition_dim``, vocabulary rows padded to the model's."""
     out: StateDict = {}
-    for name, meta in params.items():
+    for name, meta in model.named_parameters():
         source = global_parameter_name(name, model.layer_offset)
-        if name == "output.weight" and source not in full_state_dict and not cfg.untie_embed:
+        if name == "output.weight" and source not in full_state_dict and not model.cfg.untie_embed:
             source = "embedding.word_embeddings.weight"  # tied head held by a separate last stage
         if source not in full_state_dict:
-            raise KeyError(f"state dict has no {source!r} (needed by pipeline stage {pp_rank}, TP rank {tp_rank})")
+            raise KeyError(f"state dict has no {source!r} (needed by the chunk at layer offset "
+                           f"{model.layer_offset}, TP rank {tp_rank})")
         full = full_state_dict[source]
         if getattr(meta, "vocab_parallel", False):
             padded = torch.zeros(model.padded_vocab_size, full.shape[1], dtype=full.dtype)
-            padded[:vocab_size] = full[:vocab_size]
+            padded[:model.vocab_size] = full[:model.vocab_size]
             full = padded
         if getattr(meta, "tensor_model_parallel", False):
             full = full.chunk(tp_size, dim=meta.partition_dim)[tp_rank]
@@ -277,7 +307,7 @@ def ironcore_to_hf(full_state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig
 
 # --------------------------------------------------------------------------------------------- folders
 
-_SHAPE_FIELDS = ("d_model", "d_ffn", "num_layers", "num_attention_heads", "ln_type", "activation_type",
+_SHAPE_FIELDS = ("d_model", "d_ffn", "num_layers", "num_attention_heads", "ln_type", "ln_eps", "activation_type",
                  "no_bias", "untie_embed", "post_ln")
 
 
@@ -382,7 +412,37 @@ def export_hf_folder(checkpoint: str, output: str) -> None:
               for pp in range(pp_size) for tp in range(tp_size)}
     full = merge_shards(shards, cfg, vocab_size, tp_size=tp_size, pp_size=pp_size,
                         vocab_padding_unit=config["trainer"]["vocab_padding_unit"])
-    hf_config = hf_config_from_model_config(cfg, vocab_size)
+    bos_id, eos_id = save_hf_tokenizer(cfg, output)
+    hf_config = hf_config_from_model_config(cfg, vocab_size, bos_id, eos_id)
     hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
     hf_model.load_state_dict(ironcore_to_hf(full, cfg, vocab_size), strict=True)
+    hf_model.generation_config = transformers.GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id,
+                                                               pad_token_id=eos_id)
     hf_model.save_pretrained(output)
+
+
+def save_hf_tokenizer(cfg: ModelConfig, output: str) -> tuple[int, int]:
+    """Write the model's tokenizer into `output` as files ``AutoTokenizer.from_pretrained`` loads,
+    encoding exactly as IronCore's; returns its (bos, eos) ids. The GPT-2 BPE is built from the
+    shipped tiktoken ranks by transformers' ``TikTokenConverter`` (offline); a Hugging Face
+    tokenizer folder is saved again as it is."""
+    import transformers
+
+    from ironcore.data import tokenizer as tokenizers
+
+    ours = tokenizers.make_tokenizer(cfg.tokenizer_type, cfg.vocab_name_or_path)
+    if isinstance(ours, tokenizers.GPT2Tokenizer):
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        eod = tokenizers.GPT2_EOD
+        backend = TikTokenConverter(vocab_file=str(tokenizers.GPT2_RANKS), pattern=tokenizers.GPT2_PATTERN,
+                                    extra_special_tokens=[eod]).converted()
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eod, eos_token=eod,
+                                                   unk_token=eod)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(cfg.vocab_name_or_path, local_files_only=True)
+    if tok.eos_token_id != ours.eod_id:
+        raise ValueError(f"the exported tokenizer's EOS id {tok.eos_token_id} is not IronCore's end-of-document "
+                         f"id {ours.eod_id}")
+    tok.save_pretrained(output)
+    return (ours.eod_id if tok.bos_token_id is None else tok.bos_token_id), ours.eod_id

@@ -62,6 +62,10 @@ class TrainerConfig:
     max_skipped_steps: int = _f(
         10, "With `skip_nonfinite_steps`: stop the run (exit status 1) after this many consecutive skipped "
         "steps, as the model is then broken rather than unlucky", added=True, minimum=1)
+    pretrained_checkpoint: Optional[str] = _f(
+        None, "Initial weights when model_path holds no checkpoint yet: an IronCore checkpoint (a model_path or one "
+        "iter_* folder, any TP/PP layout) or a Hugging Face folder; the run starts at step 0 with a fresh optimizer, "
+        "schedule and data position (once model_path has a checkpoint, resuming from it wins)", added=True)
 
 
 @dataclass

@@ -6,12 +6,15 @@
     torchrun --nproc_per_node 2 tools/generate.py --checkpoint MODEL_PATH --prompt "..."   # TP=2
 
 Every process is one tensor-parallel rank (TP = the number of processes, PP = 1); any checkpoint
-layout loads. Rank 0 prints each prompt's continuation, then the decoding speed in tokens/s.
+layout loads. Rank 0 prints each prompt's continuation, then the decoding speed in tokens/s; with
+``--json``, one JSON object: ``{"results": [{"prompt", "prompt_ids", "ids", "text", "stopped_at_eod"}, ...],
+"decode_tokens_per_s"}`` (``ids``/``text``: the generated continuation).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -38,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1.0 = off")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead: per prompt its token ids, the generated ids and text")
     return parser
+
+
+def _json_report(texts: list[str], prompts: list[list[int]], out, tokenizer) -> dict:
+    results = [{"prompt": text, "prompt_ids": ids, "ids": tokens, "text": tokenizer.decode(tokens),
+                "stopped_at_eod": stopped}
+               for text, ids, tokens, stopped in zip(texts, prompts, out.tokens, out.stopped_at_eod)]
+    return {"results": results, "decode_tokens_per_s": out.decode_tokens_per_s}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -65,7 +77,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         destroy_distributed()
 
-    if pstate.rank == 0:
+    if pstate.rank == 0 and args.json:
+        print(json.dumps(_json_report(args.prompt, prompts, out, loaded.tokenizer)))
+    elif pstate.rank == 0:
         for text, tokens, stopped in zip(args.prompt, out.tokens, out.stopped_at_eod):
             end = " [end of document]" if stopped else ""
             print(f"=== prompt: {text!r}\n{text}{loaded.tokenizer.decode(tokens)}{end}\n")

@@ -143,6 +143,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, pstate: ParallelState):
         from ironcore.checkpoint.io import load_checkpoint
+        from ironcore.checkpoint.pretrained import load_pretrained
         from ironcore.data import build_datasets, build_loader, build_tokenizer, resolve_vocab_size
         from ironcore.model import build_model, model_stages
 
@@ -159,6 +160,7 @@ class Trainer:
         # This rank's pipeline chunks: one, or several under the interleaved schedule. `self.model`
         # is what the optimizer, checkpoints and evaluation see.
         self.chunks = [build_model(cfg, pstate, self.vocab_size, stage) for stage in model_stages(cfg, pstate)]
+        load_pretrained(cfg, pstate, self.chunks)  # trainer.pretrained_checkpoint, unless resuming
         for chunk in self.chunks:
             apply_activation_recompute(chunk, cfg.operation)
             if cfg.trainer.compile_model:

@@ -1,0 +1,49 @@
+"""`convert_checkpoint.py --to hf` writes folders that Hugging Face tools use as they are: the
+tokenizer encodes like IronCore's, the special ids are the tokenizer's, and
+``pipeline("text-generation")`` continues a prompt with the tokens ``tools/generate.py`` picks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ironcore.checkpoint.hf import convert_hf_folder
+from ironcore.data.tokenizer import GPT2Tokenizer
+from tests.hf_helpers import REPO, preset, random_hf_model
+from tests.train_helpers import load, write_config
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 50257
+TEXT = "First Citizen:\n  Before we proceed any further, hear me speak.\t12345 it's we'll héllo 日本語  "
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-llama"])
+def test_export_is_usable_by_hf_tokenizer_and_pipeline(tmp_path, arch, capsys):
+    from tools.convert_checkpoint import main as convert
+    from ironcore.inference.cli import main as generate
+
+    model_cfg = preset(arch)
+    model_cfg.max_seq_len = 32
+    random_hf_model(model_cfg, VOCAB, seed=5).save_pretrained(tmp_path / "hf")
+    cfg = load(write_config(tmp_path, "run", model=arch))
+    convert_hf_folder(str(tmp_path / "hf"), cfg, str(tmp_path / "ckpt"), tp_size=2)  # a TP=2 checkpoint
+    assert convert(["--from", "ironcore", "--to", "hf", "--input", str(tmp_path / "ckpt"),
+                    "--output", str(tmp_path / "out")]) == 0
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer(TEXT, add_special_tokens=False)["input_ids"] == GPT2Tokenizer().encode(TEXT)
+    for name in ("config.json", "generation_config.json"):
+        saved = json.loads((tmp_path / "out" / name).read_text())
+        assert (saved["bos_token_id"], saved["eos_token_id"]) == (50256, 50256), name
+
+    prompt = "Before we proceed"
+    capsys.readouterr()
+    assert generate(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt, "--temperature", "0",
+                     "--max-new-tokens", "8", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)["results"][0]
+    assert ours["prompt_ids"] == GPT2Tokenizer().encode(prompt) and len(ours["ids"]) == 8
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "out"))
+    theirs = pipe(prompt, do_sample=False, max_new_tokens=8, return_tensors=True)[0]["generated_token_ids"]
+    assert list(theirs) == ours["prompt_ids"] + ours["ids"]
