@@ -155,7 +155,7 @@ class _Ref(NamedTuple):
 class _GroupPlan:
     def __init__(self) -> None:
         self.preset: Optional[_Ref] = None
-        self.inline: Optional[_Layer] = None
+        self.inline: list[_Layer] = []  # bases' inline keys first (deepest first), the user file's last
         self.override: dict = {}
 
 
@@ -225,9 +225,10 @@ def _plan_file(path: Path, top: Any, plans: dict[str, _GroupPlan], errors: list[
             errors.append(f"unknown group '{group}' ({validate.origin(where)})"
                           f"{_suggest(group, list(GROUPS), 'groups')}")
         elif isinstance(value, str):
-            plans[group].preset = _Ref(value, path.parent, where)
+            # A file naming a preset replaces what its bases said of the group, as `group=NAME` does.
+            plans[group].preset, plans[group].inline = _Ref(value, path.parent, where), []
         elif isinstance(value, dict):
-            plans[group].inline = _Layer(value, file, path.parent)
+            plans[group].inline.append(_Layer(value, file, path.parent))
         elif value is not None:
             errors.append(f"{group} = {validate.describe(value)} ({validate.origin(where)}): a group must be "
                           f"a mapping of its keys or the name of a preset file")
@@ -256,7 +257,7 @@ def _plan_overrides(overrides: Sequence[str], plans: dict[str, _GroupPlan], erro
                               f"got {validate.describe(value)}")
                 continue
             # A whole-group swap: the named preset replaces the group's preset and inline keys.
-            plans[group].preset, plans[group].inline = _Ref(value, Path.cwd(), "override"), None
+            plans[group].preset, plans[group].inline = _Ref(value, Path.cwd(), "override"), []
             continue
         node = plans[group].override
         for part in parts[1:-1]:
@@ -304,6 +305,58 @@ def _load_preset(group: str, ref: _Ref, errors: list[str]) -> Optional[_Layer]:
                       f"got {validate.kind(content)} (its contents are not shown)")
         return None
     return _Layer(content, file, path.parent, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bases: a top-level `base:` names the files a config extends
+# ---------------------------------------------------------------------------------------------
+
+MAX_BASE_FILES = 32  # a real chain is two or three files; this bounds cycles' cousins (diamonds, long chains)
+
+
+def _base_refs(top: dict, file: str, errors: list[str]) -> list[str]:
+    """The file names a config's ``base:`` lists (a name or a list of names)."""
+    refs = top.get("base")
+    refs = [refs] if isinstance(refs, str) else refs
+    if refs is None:
+        return []
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+        errors.append(f"base ({_source(top, 'base', file)}): must be a file name or a list of file names, "
+                      f"got {validate.kind(top['base'])}")
+        return []
+    return refs
+
+
+def _read_with_bases(path: Path, errors: list[str]) -> list[tuple[Path, Any]]:
+    """Every file of the config, each with its parsed contents minus ``base:``, in merge order: a
+    file's bases (deepest first, then in the order listed) before the file itself."""
+    out: list[tuple[Path, Any]] = []
+
+    def visit(file_path: Path, chain: list[Path]) -> None:
+        if len(out) + len(chain) >= MAX_BASE_FILES:
+            errors.append(f"{display_path(chain[0])}: more than {MAX_BASE_FILES} files in its base chain")
+            return
+        top = _read_yaml(file_path, errors)
+        if isinstance(top, dict) and "base" in top:
+            file = display_path(file_path)
+            for ref in _base_refs(top, file, errors):
+                base = (file_path.parent / Path(ref).expanduser()).resolve()
+                where = _source(top, "base", file)
+                if base in chain or base == file_path.resolve():
+                    names = " -> ".join(display_path(p) for p in [*chain, file_path.resolve(), base])
+                    errors.append(f"base ({where}): circular base chain {names}")
+                elif base.is_dir():
+                    errors.append(f"base ({where}): {display_path(base)} is a directory, not a config file")
+                elif not base.is_file():
+                    errors.append(f"base ({where}): base file {display_path(base)} not found")
+                else:
+                    visit(base, [*chain, file_path.resolve()])
+            top = copy.copy(top)  # a _LineMapping keeps its line numbers
+            del top["base"]
+        out.append((file_path, top))
+
+    visit(path, [])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,12 +423,47 @@ def _lookup(merged: dict, dotted: str) -> Any:
     return node
 
 
+_ENV_PREFIXES = ("env:", "oc.env:")
+MAX_ENV_VALUE = 4096  # a config value read from the environment is a path or a number, not a document
+
+
+def _env_value(ref: str) -> tuple[str, str]:
+    """``env:NAME`` or ``env:NAME,default`` (OmegaConf's ``oc.env:`` too): the variable's name and
+    text. Rank and world size are never read here: the launcher's variables are their only source."""
+    name, sep, default = ref.split(":", 1)[1].partition(",")
+    name = name.strip()
+    value = os.environ.get(name)
+    if value is None:
+        if not sep:
+            raise _InterpolationError(("env", name))
+        value = default.strip()
+    if len(value) > MAX_ENV_VALUE:
+        raise _InterpolationError(("env-size", name))
+    return name, value
+
+
+def _typed_env(text: str) -> Any:
+    """A whole value taken from the environment, read as a YAML scalar (as command-line override values
+    are), so the schema types it: ``4`` is an int, ``1e-4`` a float. Anything else stays the text."""
+    try:
+        value = parse_yaml(text) if text else None
+    except (yaml.YAMLError, RecursionError):
+        return text
+    return text if isinstance(value, (dict, list)) else value
+
+
 def _interpolate(merged: dict, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
     """Replace ``${group.key}`` references in place, after all layers are merged."""
     reported_cycles: set[frozenset] = set()
 
+    env_used: list[str] = []  # variables read while resolving the current key
+
     def ref_value(ref: str, stack: list[str]) -> Any:
         ref = ref.strip()
+        if ref.startswith(_ENV_PREFIXES):
+            name, value = _env_value(ref)
+            env_used.append(name)
+            return value
         if ref in stack:
             cycle = stack[stack.index(ref):] + [ref]
             raise _InterpolationError(("cycle", cycle))
@@ -398,15 +486,19 @@ def _interpolate(merged: dict, prov: dict[str, str], bad: set[str], errors: list
             return value
         whole = _REF.fullmatch(value)
         if whole:  # keep the referenced value's type: `${model.d_model}` stays an int
-            return ref_value(whole.group(1), stack)
+            resolved = ref_value(whole.group(1), stack)
+            return _typed_env(resolved) if whole.group(1).strip().startswith(_ENV_PREFIXES) else resolved
         return _REF.sub(lambda m: str(ref_value(m.group(1), stack)), value)
 
     for dotted in [k for k in prov]:
         group_node = _lookup(merged, dotted.rsplit(".", 1)[0])
         key = dotted.rsplit(".", 1)[1]
         original = group_node[key]
+        env_used.clear()
         try:
             group_node[key] = resolve(original, [dotted])
+            if env_used:
+                prov[dotted] = f"env {', '.join(dict.fromkeys(env_used))} ({prov[dotted]})"
         except _InterpolationError as e:
             kind, detail = e.args[0]
             bad.add(dotted)
@@ -416,6 +508,12 @@ def _interpolate(merged: dict, prov: dict[str, str], bad: set[str], errors: list
                     continue
                 reported_cycles.add(frozenset(detail))
                 errors.append(f"{head}: circular interpolation {' -> '.join(detail)}")
+            elif kind == "env":
+                errors.append(f"{head}: environment variable {detail} is not set and the reference "
+                              f"has no default (write ${{env:{detail},DEFAULT}})")
+            elif kind == "env-size":
+                errors.append(f"{head}: environment variable {detail} is longer than "
+                              f"{MAX_ENV_VALUE:,} characters")
             elif kind == "group":
                 errors.append(f"{head}: ${{{detail}}} names a whole group; interpolate a single key")
             else:
@@ -454,9 +552,10 @@ def load_config_with_provenance(path: str | os.PathLike,
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
     plans = {group: _GroupPlan() for group in GROUPS}
-    top = _read_yaml(path, errors)
+    files = _read_with_bases(path, errors)
     files_ok = not errors  # cross-field rules on a half-read config would only add noise
-    _plan_file(path, top, plans, errors)
+    for file_path, top in files:
+        _plan_file(file_path, top, plans, errors)
     _plan_overrides(overrides, plans, errors)
 
     merged = asdict(Config())
@@ -464,7 +563,7 @@ def load_config_with_provenance(path: str | os.PathLike,
     dataset_dirs: dict[str, Path] = {}
     for group, cls in GROUPS.items():
         plan = plans[group]
-        layers = [plan.inline, _Layer(plan.override, None, Path.cwd()) if plan.override else None]
+        layers = [*plan.inline, _Layer(plan.override, None, Path.cwd()) if plan.override else None]
         # A `config_path` key (data) names the group's preset too; the highest layer setting it wins,
         # and `config_path: null` there means no file.
         for layer in layers:
