@@ -7,11 +7,13 @@ Resolution, lowest to highest priority (SPEC §2):
    ``data: {config_path: configs/data/x.yaml}``, or ``group=NAME`` on the command line. A name is
    looked up relative to the YAML file that refers to it, then in the project's ``configs/<group>/``,
    then in the project folder, then as written (relative to the working folder);
-3. inline keys of the group in the user's YAML (beside a ``config_path`` they override the preset);
+3. inline keys of the files a config extends through a top-level ``base:`` (a file or a list, relative
+   to the referring file; deepest base first), then the user's own inline keys (beside a
+   ``config_path`` they override the preset);
 4. command-line overrides ``group.key=value`` (values are YAML scalars). ``group=NAME`` swaps the
    whole group: its inline keys are dropped and NAME becomes its preset.
 
-Then ``${group.key}`` references are interpolated, relative dataset paths are resolved against the
+Then ``${group.key}`` references and ``${env:NAME[,default]}`` (or ``${oc.env:...}``) values are interpolated, relative dataset paths are resolved against the
 folder of the YAML file that wrote them, and ``validate.py`` checks types, choices, ranges and the
 cross-field rules and fills in derived values. Every problem found is reported in one ConfigError.
 """
