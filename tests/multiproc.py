@@ -30,9 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, env: dict) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(env)
     # Two cores are shared by all ranks: one intra-op thread each avoids oversubscription.
     import torch
     torch.set_num_threads(1)
@@ -45,12 +46,14 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0) -> list:
-    """Run `fn(*args)` on `world_size` gloo ranks; return the per-rank results (rank order)."""
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0,
+                    env: dict | None = None) -> list:
+    """Run `fn(*args)` on `world_size` gloo ranks; return the per-rank results (rank order).
+    ``env`` overrides the launcher variables (e.g. ``LOCAL_WORLD_SIZE`` to simulate nodes)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, env or {}), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -18,7 +18,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from ironcore.config import Config, ConfigError
 from ironcore.config.validate import validate_config
 from ironcore.parallel import data_parallel
-from ironcore.parallel.data_parallel import hsdp_shape, mixed_precision_policy, no_sync, wrap_data_parallel
+from ironcore.parallel.data_parallel import gather_full_tensors, mixed_precision_policy, no_sync, wrap_data_parallel
+from ironcore.parallel.mesh import mesh_shape
 from ironcore.parallel.state import ParallelState, destroy_distributed, init_distributed
 from tests.multiproc import run_distributed
 
@@ -81,7 +82,7 @@ def _build(cfg: Config, pstate: ParallelState):
     from ironcore.model import build_model
     from ironcore.training.optimizer import build_optimizer
 
-    model = wrap_data_parallel(build_model(cfg, pstate, VOCAB), cfg, pstate)
+    model = wrap_data_parallel([build_model(cfg, pstate, VOCAB)], cfg, pstate)[0]
     return model, build_optimizer(model, cfg.optim, pstate.device)
 
 
@@ -110,7 +111,7 @@ def _fsdp_worker(variants: list[str]) -> dict:
         losses = torch.tensor(local)
         torch.distributed.all_reduce(losses)
         shards = {n: type(p).__name__ for n, p in model.named_parameters()}
-        full = get_model_state_dict(model, options=data_parallel.full_state_dict_options(model))
+        full = gather_full_tensors(get_model_state_dict(model), keep=pstate.rank == 0)
         out[variant] = {"losses": (losses / 2).tolist(), "state": _numpy(full), "param_types": shards, "seen": seen,
                          "mesh": tuple(model.layers[0].parameters().__next__().device_mesh.shape)}
     return out
@@ -137,9 +138,9 @@ def test_fsdp_dp2_equals_dp1_with_twice_the_accumulation_and_syncs_only_the_last
 
 
 def _full_state(model, optimizer) -> dict:
-    options = data_parallel.full_state_dict_options(model)
-    weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    weights = gather_full_tensors(get_model_state_dict(model), keep)
+    optim = gather_full_tensors(get_optimizer_state_dict(model, optimizer), keep)
     return {"weights": _numpy(weights), "optim": _numpy(optim.get("state", {}))}
 
 
@@ -208,11 +209,21 @@ def test_mixed_precision_policies():
     assert mixed_precision_policy("mixed", "float32", cpu) == MixedPrecisionPolicy(None, torch.float32)
 
 
-def test_hybrid_mesh_shards_within_a_node_and_refuses_uneven_nodes():
-    assert hsdp_shape(16, 8) == (2, 8)
-    assert hsdp_shape(4, 4) == (1, 4)
-    with pytest.raises(ValueError, match="data-parallel size 6 is not a multiple of the 4 ranks per node"):
-        hsdp_shape(6, 4)
+def test_hybrid_mesh_shards_within_a_node_and_refuses_uneven_nodes(monkeypatch):
+    cfg = _config("hybrid")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert mesh_shape(cfg, 16).sizes == (1, 2, 8, 1, 1)  # (pp, dp_replicate, dp_shard, cp, tp)
+    cfg.trainer.tensor_model_parallel_size = 2  # a node holds 4 data-parallel ranks of TP pairs
+    assert mesh_shape(cfg, 16).sizes == (1, 2, 4, 1, 2)
+    cfg.trainer.tensor_model_parallel_size = 1
+    cfg.parallel.fsdp_sharding_strategy = "full"
+    assert mesh_shape(cfg, 16).sizes == (1, 1, 16, 1, 1)
+    cfg.parallel.use_fsdp = False  # DDP replicates
+    assert mesh_shape(cfg, 16).sizes == (1, 16, 1, 1, 1)
+    cfg.parallel.use_fsdp, cfg.parallel.fsdp_sharding_strategy = True, "hybrid"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="data-parallel size 6 and the 4 data-parallel ranks per node"):
+        mesh_shape(cfg, 6)
 
 
 def test_wrap_without_data_parallelism_returns_the_model_unchanged():
@@ -222,8 +233,7 @@ def test_wrap_without_data_parallelism_returns_the_model_unchanged():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"trainer.tensor_model_parallel_size": 2}, "parallel.use_fsdp"),
-    ({"trainer.pipeline_model_parallel_size": 2}, "trainer.pipeline_model_parallel_size"),
+    ({"parallel.use_distributed_optimizer": True}, "FSDP already shards the optimizer state"),
     ({"parallel.fsdp_state_dict_type": "sharded"}, "operation.save_dist_ckpt = false"),
     ({"parallel.fsdp_state_dict_type": "local"}, "parallel.fsdp_state_dict_type = local"),
     ({"operation.save_dist_ckpt": True}, "operation.save_dist_ckpt = true"),

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ironcore.config import ConfigError
 from ironcore.config.schema import Config
+from ironcore.parallel.mesh import mesh_shape
 from ironcore.parallel.state import (
     _first_slurm_host,
-    build_parallel_state,
     destroy_distributed,
     get_parallel_state,
     init_distributed,
@@ -44,6 +45,8 @@ def test_slurm_first_host():
     assert _first_slurm_host("a[1,4]") == "a1"
 
 
-def test_world_size_must_divide_by_tp_times_pp():
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by trainer.tensor_model_parallel_size \(4\)"):
-        build_parallel_state(0, 6, 0, 4, 1, torch.device("cpu"), "gloo")
+def test_world_size_must_divide_by_tp_times_pp_times_cp():
+    cfg = Config()
+    cfg.trainer.tensor_model_parallel_size = 4
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by trainer.tensor_model_parallel_size \(4\)"):
+        mesh_shape(cfg, 6)

@@ -139,9 +139,10 @@ def _grid_2x2(rank: int) -> dict:
     """This rank's coordinates in a TP=2 × PP=2 grid, and the ranks each of its groups holds."""
     import torch.distributed as dist
 
+    from ironcore.parallel.mesh import MeshShape
     from ironcore.parallel.state import build_parallel_state
 
-    grid = build_parallel_state(rank, 4, rank, 2, 2, torch.device("cpu"), "gloo")
+    grid = build_parallel_state(MeshShape(pp=2, tp=2), rank, rank, torch.device("cpu"), "gloo")
     members = {}
     for kind in ("tp", "pp"):
         ranks = [torch.zeros(1) for _ in range(2)]

@@ -23,9 +23,12 @@ import pytest
 import torch
 
 from ironcore.config.schema import Config, ModelConfig, PositionalEmbeddingConfig
+from ironcore.model import batch_inputs
 from ironcore.model.gpt import build_model, model_stages
+from ironcore.training.tied_embedding import build_embedding_group, sync_tied_embedding_grads
 from ironcore.observe.metrics import clip_grad_norm_
 from ironcore.parallel import pipeline
+from ironcore.parallel.mesh import MeshShape
 from ironcore.parallel.state import ParallelState, build_parallel_state
 from tests.multiproc import run_distributed
 
@@ -112,20 +115,21 @@ def _train(model: str, pstate: ParallelState, schedule: str, microbatches: int, 
     chunks = _chunks(cfg, pstate, virtual, layer_split)
     params = [p for c in chunks for p in c.parameters()]
     opt = torch.optim.Adam(params, lr=LR)
-    embedding_group = pipeline.build_embedding_group(pstate, not cfg.model.untie_embed)
+    embedding_group = build_embedding_group(pstate, not cfg.model.untie_embed)
     losses = []
     for step in range(STEPS):
         data = (_batch(step, pstate.dp_rank * microbatches + i) for i in range(microbatches))
         step_stats: dict = {}
         per_mb = pipeline.forward_backward(schedule, chunks, data, microbatches, pstate, _masked_mean,
                                            hidden_size=cfg.model.d_model, sequence_parallel=sequence_parallel,
-                                           stats=step_stats)
+                                           forward_step=_forward_step, stats=step_stats)
         assert len(per_mb) == (microbatches if pstate.is_last_stage else 0)
         if stats is not None:
             stats["max_in_flight"] = max(stats.get("max_in_flight", 0), step_stats["max_in_flight"])
         for c in chunks:
             c.sync_sequence_parallel_grads()
-        pipeline.finalize_model_grads(chunks, pstate, embedding_group)
+        pipeline.finalize_model_grads(chunks, pstate)
+        sync_tied_embedding_grads(chunks, pstate, embedding_group)
         clip_grad_norm_(params, 1.0, pstate.tp_group, pstate.pp_group)
         opt.step()
         opt.zero_grad()
@@ -138,7 +142,8 @@ def _train(model: str, pstate: ParallelState, schedule: str, microbatches: int, 
 
 def _grid(tp: int, pp: int) -> ParallelState:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return build_parallel_state(rank, world, rank, tp, pp, torch.device("cpu"), "gloo")
+    shape = MeshShape(pp=pp, dp_replicate=world // (tp * pp), tp=tp)
+    return build_parallel_state(shape, rank, rank, torch.device("cpu"), "gloo")
 
 
 def _init() -> None:
@@ -159,7 +164,11 @@ def _errors_within(fn, seconds: float) -> str:
 def _raising_step(model, batch, hidden_states):
     if hidden_states is not None:  # the second stage fails on its first micro-batch
         raise RuntimeError("boom in a stage")
-    return pipeline.default_forward_step(model, batch, hidden_states)
+    return _forward_step(model, batch, hidden_states)
+
+
+def _forward_step(model, batch, hidden_states):
+    return model(**batch_inputs(batch, torch.device("cpu")), hidden_states=hidden_states)
 
 
 def _two_ranks(microbatches: int) -> dict:
@@ -179,7 +188,7 @@ def _two_ranks(microbatches: int) -> dict:
         with torch.no_grad():
             losses = pipeline.forward_backward(schedule, _chunks(cfg, pstate, virtual),
                                                (_batch(0, i) for i in range(count)), count, pstate, _masked_mean,
-                                               hidden_size=32, forward_only=True)
+                                               hidden_size=32, forward_step=_forward_step, forward_only=True)
         assert len(losses) == (count if pstate.is_last_stage else 0)
         out["eval", schedule] = pipeline.last_stage_mean(losses, pstate, pstate.device).item()
 
@@ -187,7 +196,7 @@ def _two_ranks(microbatches: int) -> dict:
     cfg = _config("gpt", pp=2)
     chunks = _chunks(cfg, pstate, 1)
     too_few = lambda: pipeline.forward_backward(  # noqa: E731
-        "1f1b", chunks, iter([_batch(0, 0)]), 1, pstate, _masked_mean, hidden_size=32)
+        "1f1b", chunks, iter([_batch(0, 0)]), 1, pstate, _masked_mean, hidden_size=32, forward_step=_forward_step)
     out["too_few"] = _errors_within(too_few, 1.0)
     # A stage that raises: it reports itself, its neighbour gives up after the (short) timeout.
     timeout_minute = 0.05  # 3 seconds

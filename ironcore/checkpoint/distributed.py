@@ -16,10 +16,13 @@ What is saved is the layout-free, global view of every tensor:
   padding rows as built (they never receive probability mass);
 * a replicated tensor (norms, row-parallel biases, Adam's ``step``) is saved once (DCP removes the
   duplicates of the other TP/DP ranks);
-* an FSDP shard (``parallel.use_fsdp``: a ``DTensor`` over the DP ranks, TP = 1) is written by the
-  rank that holds it (DCP reads and writes DTensors natively); a vocabulary one is gathered first
-  to cut its padding rows (FSDP's even shards cannot end at the real vocabulary), and on load
-  each rank copies its rows back into its shard.
+* an FSDP shard (``parallel.use_fsdp``: a ``DTensor`` over the DP ranks) is written by the rank
+  that holds it (DCP reads and writes DTensors natively) when TP = 1. A vocabulary one, and under
+  TP every TP-split one, is gathered first to this TP rank's whole shard (FSDP's even shards
+  cannot end at the real vocabulary, and a DTensor over the DP mesh cannot say where its TP
+  shard sits) and then saved as above; on load each rank copies its rows back into its FSDP shard;
+* the distributed optimizer's state is saved by parameter, whole (it gathers its DP slices), so
+  it loads at another DP size or into a plain optimizer.
 
 Adam's ``exp_avg``/``exp_avg_sq`` have the shape of their parameter and are saved the same way, so
 the optimizer state follows the weights into the new layout. The optimizer's param-group settings
@@ -45,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
@@ -55,14 +59,13 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ironcore.checkpoint.errors import CheckpointError, load_file, one_line
 from ironcore.model.gpt import padded_vocab_size
+from ironcore.parallel.distributed_optimizer import optimizer_state_dict, optimizer_template, set_optimizer_state
 
 _STAGE_FILE = "stage_pp{:02d}.pt"  # per pipeline stage: optimizer param groups, vocab-parallel names
 _TIED_EMBEDDING = "embedding.word_embeddings.weight"
@@ -130,8 +133,8 @@ def _vocab_size(model: torch.nn.Module) -> int:
 def _to_global(local: torch.Tensor, param: torch.nn.Parameter, pstate, vocab_size: Optional[int]):
     """Wrap this TP rank's shard as its part of the global tensor (no copy, no communication).
 
-    TP ranks are consecutive global ranks (TP-innermost layout), so TP rank ``r`` of this group is
-    global rank ``rank - tp_rank + r``; every rank of the group describes all chunks identically.
+    TP rank ``r`` of this group is the mesh's ``r``-th member of this rank's TP group; every rank of
+    the group describes all chunks identically.
     For vocabulary tensors the global tensor ends at the real vocabulary: padding rows are cut off.
     """
     vocab = getattr(param, "vocab_parallel", False)
@@ -141,6 +144,7 @@ def _to_global(local: torch.Tensor, param: torch.nn.Parameter, pstate, vocab_siz
     per_rank = local.shape[dim]
     extent = vocab_size if vocab else per_rank * pstate.tp_size
     chunks, mine = [], []
+    tp_ranks = dist.get_process_group_ranks(pstate.tp_group) if pstate.tp_group is not None else [pstate.rank]
     for r in range(pstate.tp_size):
         start = r * per_rank
         length = min(per_rank, extent - start)
@@ -148,7 +152,7 @@ def _to_global(local: torch.Tensor, param: torch.nn.Parameter, pstate, vocab_siz
             continue  # this rank holds padding rows only
         offsets, sizes = [0] * local.dim(), list(local.shape)
         offsets[dim], sizes[dim] = start, length
-        chunk = ShardMetadata(offsets, sizes, f"rank:{pstate.rank - pstate.tp_rank + r}/{local.device}")
+        chunk = ShardMetadata(offsets, sizes, f"rank:{tp_ranks[r]}/{local.device}")
         chunks.append(chunk)
         if r == pstate.tp_rank:
             mine.append(Shard(local.narrow(dim, 0, length), chunk))
@@ -158,16 +162,18 @@ def _to_global(local: torch.Tensor, param: torch.nn.Parameter, pstate, vocab_siz
     return ShardedTensor._init_from_local_shards_and_global_metadata(mine, metadata)
 
 
-def _fsdp_global(shard: DTensor, param: torch.nn.Parameter, vocab_size: Optional[int],
-                 gathered: Optional[list]) -> torch.Tensor:
-    """An FSDP shard as saved: itself, or for a vocabulary tensor the gathered whole cut at the real
-    vocabulary. ``gathered`` (on load) receives the (shard, whole) pairs for `_scatter_gathered`."""
-    if not getattr(param, "vocab_parallel", False):
+def _fsdp_global(shard: DTensor, param: torch.nn.Parameter, pstate, vocab_size: Optional[int],
+                 gathered: Optional[list]):
+    """An FSDP shard as saved: itself, or (vocabulary and TP-split tensors) this TP rank's gathered
+    whole shard, placed in the global tensor by `_to_global`. ``gathered`` (on load) receives the
+    (shard, whole) pairs for `_scatter_gathered`."""
+    tp_split = getattr(param, "tensor_model_parallel", False) and pstate.tp_size > 1
+    if not (getattr(param, "vocab_parallel", False) or tp_split):
         return shard
     whole = shard.full_tensor()
     if gathered is not None:
         gathered.append((shard, whole))
-    return whole[:vocab_size]
+    return _to_global(whole, param, pstate, vocab_size)
 
 
 def _scatter_gathered(gathered: list) -> None:
@@ -195,7 +201,7 @@ def _globalize(model: torch.nn.Module, model_sd: dict, optim_sd: Optional[dict],
         if param is None or value.shape != param.shape:
             return value
         if isinstance(value, DTensor):
-            return _fsdp_global(value, param, vocab_size, gathered)
+            return _fsdp_global(value, param, pstate, vocab_size, gathered)
         return _to_global(value, param, pstate, vocab_size)
 
     global_name = global_namer(model)
@@ -302,7 +308,7 @@ def save(directory: Path, pstate, model: torch.nn.Module, optimizer) -> list[Pat
     """Write model (and optimizer) shards into ``directory``; return the files this rank wrote."""
     directory = Path(directory)
     model_sd = get_model_state_dict(model)
-    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    optim_sd = optimizer_state_dict(model, optimizer) if optimizer is not None else None
     with _quiet_dcp(), _dcp_errors(directory, "writing"):
         dcp.save(_globalize(model, model_sd, optim_sd, pstate), storage_writer=dcp.FileSystemWriter(directory))
     written = sorted(directory.glob(f"__{pstate.rank}_*"))
@@ -332,7 +338,7 @@ def load(directory: Path, pstate, model: torch.nn.Module, optimizer) -> None:
     """
     directory = Path(directory)
     model_sd = get_model_state_dict(model)
-    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    optim_sd = optimizer_template(model, optimizer) if optimizer is not None else None
     # DCP copies into the tensors (the local shards) of this dict in place: model_sd and optim_sd
     # hold the same tensors and are filled by this call (gathered FSDP vocabulary tensors: after it).
     gathered: list = []
@@ -351,7 +357,7 @@ def load(directory: Path, pstate, model: torch.nn.Module, optimizer) -> None:
                              "optim.load_checkpoint_optim_state=false")
         for mine, saved in zip(optim_sd["param_groups"], saved_groups):
             mine.update({k: v for k, v in saved.items() if k != "params"})
-        set_optimizer_state_dict(model, optimizer, optim_sd)
+        set_optimizer_state(model, optimizer, optim_sd)
 
 
 # --------------------------------------------------------------------------------------------

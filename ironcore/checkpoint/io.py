@@ -47,15 +47,14 @@ import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
 from ironcore.checkpoint import distributed
 from ironcore.checkpoint.errors import CheckpointError, load_file, one_line
 from ironcore.config import to_dict
-from ironcore.parallel.data_parallel import full_state_dict_options
+from ironcore.parallel.data_parallel import gather_full_tensors
+from ironcore.parallel.distributed_optimizer import optimizer_state_dict, set_optimizer_state
 from ironcore.parallel.random import get_rng_tracker
 
 logger = logging.getLogger(__name__)
@@ -405,13 +404,14 @@ def _on_every_rank(pstate, action: Callable[[], Any]) -> list:
 def _save_single(tmp: Path, pstate, model, optimizer) -> dict[str, dict]:
     """Each (TP, PP) shard's weights and optimizer state, written by its DP rank 0."""
     # Every rank builds the state dicts: under FSDP that gathers the shards (a collective) to CPU
-    # on rank 0, the writer; otherwise they are views of the live tensors, no copy.
-    options = full_state_dict_options(model)
+    # on DP rank 0, the writer; the distributed optimizer gathers its state slices over DP;
+    # otherwise they are views of the live tensors, no copy.
+    writer = pstate.dp_rank == 0
     shard = (pstate.tp_rank, pstate.pp_rank)
-    contents = {model_file(*shard): get_model_state_dict(model, options=options)}
+    contents = {model_file(*shard): gather_full_tensors(get_model_state_dict(model), writer)}
     if optimizer is not None:
-        contents[optim_file(*shard)] = get_optimizer_state_dict(model, optimizer, options=options)
-    if pstate.dp_rank != 0:
+        contents[optim_file(*shard)] = gather_full_tensors(optimizer_state_dict(model, optimizer), writer)
+    if not writer:
         return {}
     return {name: _save_file(tmp / name, obj) for name, obj in contents.items()}
 
@@ -815,7 +815,7 @@ def _load_single(folder: Path, manifest: dict, pstate, model, optimizer) -> None
     if optimizer is not None:
         state = _torch_load(folder / names[1])
         with _reading(folder / names[1]):
-            set_optimizer_state_dict(model, optimizer, state, options=options)
+            set_optimizer_state(model, optimizer, state, options=options)
 
 
 def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> Optional[dict]:

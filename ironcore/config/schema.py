@@ -36,6 +36,9 @@ class TrainerConfig:
         None, "Gradient accumulation steps (derived when omitted)", minimum=1, derived=True)
     tensor_model_parallel_size: int = _f(1, "Tensor parallelism size", minimum=1)
     pipeline_model_parallel_size: int = _f(1, "Pipeline parallelism size", minimum=1)
+    context_parallel_size: int = _f(
+        1, "Context parallelism size: the sequence split over this many ranks (ring attention); the world size "
+        "is divisible by TP × PP × CP and data parallelism is what remains", added=True, minimum=1)
     save_checkpoint_steps: int = _f(1000, "Checkpoint save interval", minimum=1)
     log_interval: int = _f(20, "Progress print interval", minimum=1)
     grad_norm_log_interval: Optional[str] = _f(
@@ -171,7 +174,11 @@ class ParallelConfig:
     dist_backend: str = _f("nccl", "Distributed backend (falls back to `gloo` without CUDA)",
                            choices=["nccl", "gloo"])
     timeout_minute: float = _f(10.0, "Distributed timeout", exclusive_minimum=0)
-    use_fsdp: bool = _f(False, "Enable FSDP")
+    use_fsdp: bool = _f(False, "Enable FSDP (FSDP2 over the data-parallel ranks; composes with TP and PP)")
+    use_distributed_optimizer: bool = _f(
+        False, "Shard the optimizer state over the data-parallel group (Megatron's distributed optimizer, ZeRO-1): "
+        "gradients are reduce-scattered, each rank updates its shard, parameters are all-gathered; without FSDP, "
+        "composes with TP and PP", added=True)
     fsdp_offload_params: bool = _f(False, "FSDP CPU offload")
     fsdp_mixed_precision: str = _f("mixed", "FSDP precision (`mixed`, `fp16`, `bf16`, `fp32`)",
                                    choices=["mixed", "fp16", "bf16", "fp32"])

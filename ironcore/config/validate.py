@@ -354,12 +354,10 @@ def _fsdp_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
     """What ``parallel.use_fsdp`` (FSDP2 over the data-parallel ranks) supports."""
     p = cfg.parallel
     fsdp = f"parallel.use_fsdp = true ({origin(prov['parallel.use_fsdp'])})"
-    for key in ("trainer.tensor_model_parallel_size", "trainer.pipeline_model_parallel_size"):
-        group, name = key.split(".")
-        if getattr(getattr(cfg, group), name) > 1:
-            errors.append(f"{key} = {getattr(getattr(cfg, group), name)} ({origin(prov[key])}): {fsdp} supports "
-                          f"only 1 (FSDP shards over data parallelism alone); use DDP (use_fsdp: false) with "
-                          f"tensor/pipeline parallelism")
+    if p.use_distributed_optimizer:
+        errors.append(f"parallel.use_distributed_optimizer = true ({origin(prov['parallel.use_distributed_optimizer'])})"
+                      f" with {fsdp}: FSDP already shards the optimizer state (and the parameters); "
+                      "choose one of the two")
     state_dict = (f"parallel.fsdp_state_dict_type = {p.fsdp_state_dict_type} "
                   f"({origin(prov['parallel.fsdp_state_dict_type'])})")
     if p.fsdp_state_dict_type == "local":
@@ -379,19 +377,28 @@ def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[s
     """Apply the cross-field rules and fill in derived values (see the module docstring)."""
     _launcher_env(cfg, prov, errors)
     t, m, p = cfg.trainer, cfg.model, cfg.parallel
-    tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
+    tp, pp, cp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size, t.context_parallel_size
     tp_ok = "trainer.tensor_model_parallel_size" not in bad
     pp_ok = "trainer.pipeline_model_parallel_size" not in bad
-    if tp_ok and pp_ok:
-        if p.world_size % (tp * pp):
+    if tp_ok and pp_ok and "trainer.context_parallel_size" not in bad:
+        if p.world_size % (tp * pp * cp):
             bad.add("parallel.world_size")
             errors.append(
                 f"parallel.world_size = {p.world_size} ({origin(prov['parallel.world_size'])}): must be "
                 f"divisible by tensor_model_parallel_size {tp} ({origin(prov['trainer.tensor_model_parallel_size'])})"
                 f" × pipeline_model_parallel_size {pp} ({origin(prov['trainer.pipeline_model_parallel_size'])})"
-                f" = {tp * pp}")
+                + (f" × context_parallel_size {cp} ({origin(prov['trainer.context_parallel_size'])})" if cp > 1 else "")
+                + f" = {tp * pp * cp}")
         else:
-            _batch_arithmetic(cfg, p.world_size // (tp * pp), prov, bad, errors)
+            _batch_arithmetic(cfg, p.world_size // (tp * pp * cp), prov, bad, errors)
+    if cp > 1:
+        errors.append(f"trainer.context_parallel_size = {cp} ({origin(prov['trainer.context_parallel_size'])}): "
+                      "the training loop does not split sequences yet (ring attention exists in "
+                      "ironcore.parallel.context but is not wired in); allowed: 1")
+    if p.use_distributed_optimizer and cfg.model.precision == "float16":
+        errors.append(f"parallel.use_distributed_optimizer = true ({origin(prov['parallel.use_distributed_optimizer'])})"
+                      f" with model.precision = float16 ({origin(prov['model.precision'])}): the fp16 loss scaler "
+                      "is not sharded yet; use bfloat16 or float32")
     if tp_ok:
         heads_ok = _divides(errors, bad, prov, "model.num_attention_heads", m.num_attention_heads, tp,
                             "trainer.tensor_model_parallel_size")

@@ -80,11 +80,11 @@ def _verify(folder: Path, manifest: dict, names: list[str]) -> None:
         raise ckpt_io.CheckpointError(problem)
 
 
-def _build(cfg: Config, pstate: ParallelState, vocab_size: int) -> GPTModel:
-    """An uninitialised PP=1 model on this rank's device (the weights are loaded next)."""
-    with torch.device(pstate.device):
-        return GPTModel(cfg.model, pstate, vocab_size, vocab_padding_unit=cfg.trainer.vocab_padding_unit,
-                        sequence_parallel=False, use_flash_attn=cfg.trainer.use_flash_attn)
+def _build(cfg: Config, pstate: ParallelState) -> GPTModel:
+    """This rank's PP=1 model, built by the training seam (the weights are loaded next)."""
+    from ironcore.training.build import build_run
+
+    return build_run(cfg, pstate, mode="inference").model
 
 
 def _generation_state(pstate: ParallelState) -> None:
@@ -132,7 +132,7 @@ def load_checkpoint_model(checkpoint: str | Path, pstate: ParallelState) -> tupl
     cfg.data.vocab_size = vocab_size
     cfg.trainer.tensor_model_parallel_size, cfg.trainer.pipeline_model_parallel_size = pstate.tp_size, 1
     cfg.parallel.sequence_parallel = False
-    model = _build(cfg, pstate, vocab_size)
+    model = _build(cfg, pstate)
     _load_weights(model, cfg, pstate, folder, manifest, layout)
     logger.info("loaded %s (saved with TP %d, PP %d, %s format) into TP %d", folder, layout["tp_size"],
                 layout["pp_size"], layout["format"], pstate.tp_size)
@@ -156,7 +156,7 @@ def load_hf_model(hf_dir: str | Path, pstate: ParallelState) -> tuple[GPTModel, 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir))
     hf_state = {k: v.float() for k, v in hf_model.state_dict().items()}
     del hf_model
-    model = _build(cfg, pstate, vocab_size)
+    model = _build(cfg, pstate)
     model.load_state_dict(hf_to_ironcore(hf_state, model_cfg, vocab_size, tp_size=pstate.tp_size,
                                          tp_rank=pstate.tp_rank, vocab_padding_unit=cfg.trainer.vocab_padding_unit))
     return model.eval(), cfg, hf_config

@@ -1,5 +1,5 @@
 """The GPT/LLaMA decoder built from `ironcore.parallel` layers."""
 
-from ironcore.model.gpt import GPTModel, build_model, model_stages, padded_vocab_size
+from ironcore.model.gpt import GPTModel, batch_inputs, build_model, model_stages, padded_vocab_size
 
-__all__ = ["GPTModel", "build_model", "model_stages", "padded_vocab_size"]
+__all__ = ["GPTModel", "batch_inputs", "build_model", "model_stages", "padded_vocab_size"]

@@ -282,6 +282,15 @@ class GPTModel(nn.Module):
             allreduce_sequence_parallel_grads(self.parameters(), self.tp_group)
 
 
+BATCH_INPUTS = ("input_ids", "labels", "position_ids", "segment_ids")
+
+
+def batch_inputs(batch: dict, device: torch.device) -> dict[str, Optional[torch.Tensor]]:
+    """`GPTModel.forward`'s keyword arguments from a micro-batch of ``ironcore.data`` (keys it does
+    not hold, such as ``segment_ids`` of unpacked data, are None), on ``device``."""
+    return {key: batch[key].to(device) if key in batch else None for key in BATCH_INPUTS}
+
+
 def model_stages(cfg: Config, pstate: ParallelState) -> list[PipelineStage]:
     """The pipeline stages (model chunks) this rank holds, in order, as ``parallel`` lays them out:
     ``virtual_pipeline_stages`` chunks of ``pipeline_layer_split`` layers (an even split when unset)."""

@@ -180,23 +180,28 @@ def global_norm(tensors_with_params: Iterable[tuple[torch.Tensor, torch.nn.Param
     norms are summed over the TP group. Every other parameter is replicated on the TP ranks and
     counted once (on this rank only). The per-stage totals are then summed over the PP group. DP
     replicas hold identical (already all-reduced) gradients, so no DP reduction is needed; FSDP
-    shards (DTensors) are summed over the DP ranks they are split across. A tied
+    shards (DTensors) are first summed over the DP ranks they are split across, then treated as
+    their kind (TP-split or not) says. A tied
     LM head copied onto the last pipeline stage (``shared_embedding=True``) duplicates the first
     stage's embedding and is not counted again.
     """
-    split, replicated, sharded = [], [], []
+    split, replicated = [], []  # plain tensors, and FSDP shards (DTensors) of each kind
+    split_sharded, replicated_sharded = [], []
     for tensor, param in tensors_with_params:
         if getattr(param, "shared_embedding", False):
             continue
+        tp_split = getattr(param, "tensor_model_parallel", False)
         if isinstance(tensor, DTensor):
-            sharded.append(tensor)
+            (split_sharded if tp_split else replicated_sharded).append(tensor)
         else:
-            (split if getattr(param, "tensor_model_parallel", False) else replicated).append(tensor)
-    device = next((t.device for t in split + replicated + sharded), torch.device("cpu"))
-    split_sq, replicated_sq = _squared_norm(split).to(device), _squared_norm(replicated).to(device)
+            (split if tp_split else replicated).append(tensor)
+    tensors = split + replicated + split_sharded + replicated_sharded
+    device = next((t.device for t in tensors), torch.device("cpu"))
+    split_sq = _squared_norm(split).to(device) + _sharded_squared_norm(split_sharded).to(device)
+    replicated_sq = _squared_norm(replicated).to(device) + _sharded_squared_norm(replicated_sharded).to(device)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(split_sq, group=tp_group)
-    total = split_sq + replicated_sq + _sharded_squared_norm(sharded).to(device)
+    total = split_sq + replicated_sq
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(total, group=pp_group)
     return total.sqrt()

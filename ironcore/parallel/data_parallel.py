@@ -1,26 +1,31 @@
 """Data parallelism with torch's own implementations: DDP, or FSDP2 (``fully_shard``).
 
-`wrap_data_parallel` picks, from the config and the parallel state:
+`wrap_data_parallel` picks, from the config and the parallel state, for this rank's model chunks:
 
-* DP = 1 without ``parallel.use_fsdp``: the model, unchanged;
+* DP = 1 without ``parallel.use_fsdp``, several pipeline stages (their gradients are averaged by
+  ``pipeline.finalize_model_grads``) or ``parallel.use_distributed_optimizer`` (it reduce-scatters
+  gradients itself, `ironcore.parallel.distributed_optimizer`): the chunks, unchanged;
 * ``DistributedDataParallel`` over the DP group (every rank holds all parameters and optimizer
   state; gradients are all-reduced and averaged);
 * ``parallel.use_fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` applied to every
-  transformer block (``model.layers[i]``, one all-gather / reduce-scatter unit each) and then to
-  the root (embedding, final norm, head). Parameters become ``DTensor`` shards of the DP mesh
-  (dim 0, evenly); the optimizer, built afterwards, holds state for this rank's shard only.
-  ``fully_shard`` works in place: the returned module is the model itself (its class swapped for
-  an ``FSDPModule`` subclass), with the same parameter names.
+  transformer block of every chunk (``chunk.layers[i]``, one all-gather / reduce-scatter unit
+  each) and then to the chunk itself (embedding, final norm, head), over the mesh's data-parallel
+  dimensions (`ironcore.parallel.mesh.fsdp_mesh`). It composes with TP and PP as torchtitan's does:
+  the hand-written TP layers keep their local shards, which FSDP shards again over ``dp_shard``
+  (a parameter is a ``DTensor`` over the DP sub-mesh whose full tensor is this TP rank's shard);
+  pipeline chunks reduce-scatter their gradients in every micro-batch's backward. The optimizer,
+  built afterwards, holds state for this rank's shard only. ``fully_shard`` works in place: the
+  returned module is the chunk itself (its class swapped for an ``FSDPModule`` subclass), with the
+  same parameter names.
 
 FSDP keys (``parallel.*``) and what they mean in FSDP2 terms:
 
 * ``fsdp_sharding_strategy``:
   - ``full``: ZeRO-3; parameters, gradients and optimizer state sharded over all DP ranks, and
     parameters freed again after each block's forward (``reshard_after_forward=True``);
-  - ``hybrid``: HSDP on a 2-D ``(dp_replicate, dp_shard)`` mesh: sharded within a node (the
-    ``LOCAL_WORLD_SIZE`` ranks torchrun starts per node), replicated across nodes (gradients
-    reduce-scattered in the node, then all-reduced across nodes). The DP size must be a multiple
-    of the ranks per node;
+  - ``hybrid``: HSDP on a 2-D ``(dp_replicate, dp_shard)`` mesh: sharded over the data-parallel
+    ranks of a node (``LOCAL_WORLD_SIZE`` / (TP × CP)), replicated across nodes (gradients
+    reduce-scattered in the node, then all-reduced across nodes);
   - ``no_shard``: DDP semantics through FSDP2: the same 2-D mesh with a shard dimension of size 1
     (``(dp, 1)``), i.e. every rank keeps whole parameters and gradients are all-reduced; this is
     how torch's own composable ``replicate`` is built. Nothing to free after forward
@@ -32,15 +37,11 @@ FSDP keys (``parallel.*``) and what they mean in FSDP2 terms:
 * ``fsdp_offload_params``: ``CPUOffloadPolicy``: shards, gradients and optimizer step live in CPU
   memory and are copied to the device per block (pinned memory on CUDA). Build the optimizer on
   the parameters' device (CPU then).
-* ``fsdp_state_dict_type``: ``full`` gathers full tensors (``torch.distributed.checkpoint.state_dict``
-  with ``full_state_dict=True, cpu_offload=True``, see `full_state_dict_options`) into the
+* ``fsdp_state_dict_type``: ``full`` gathers full tensors (`gather_full_tensors`) into the
   single-file checkpoint (``operation.save_dist_ckpt: false``); ``sharded`` writes each rank's
   DTensor shards with DCP into the distributed checkpoint (``operation.save_dist_ckpt: true``,
   ``ironcore.checkpoint.distributed``). Both load at any DP size, with or without FSDP. ``local``
   is rejected by config validation, as is a ``save_dist_ckpt`` that disagrees.
-
-Supported with ``trainer.tensor_model_parallel_size = 1`` and ``pipeline_model_parallel_size =
-1`` (config validation rejects the rest): the DP group is then the whole world.
 
 Gradient accumulation: `no_sync` skips the gradient reduction of a micro-batch (DDP's ``no_sync``,
 FSDP2's ``set_requires_gradient_sync(False)``, which accumulates unsharded gradients locally);
@@ -52,31 +53,37 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ironcore.config import Config, ConfigError
+from ironcore.parallel.mesh import fsdp_mesh
 from ironcore.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
 
 
-def wrap_data_parallel(model: nn.Module, cfg: Config, pstate: ParallelState) -> nn.Module:
-    """``model`` ready for data-parallel training (see the module docstring): itself, DDP, or
+def wrap_data_parallel(chunks: list[nn.Module], cfg: Config, pstate: ParallelState) -> list[nn.Module]:
+    """What the schedule runs for ``chunks`` (see the module docstring): themselves, DDP, or
     FSDP2-sharded in place. Call before building the optimizer (FSDP replaces the parameters)."""
-    if cfg.parallel.use_fsdp:
-        return _fully_shard(model, cfg, pstate)
-    if pstate.dp_group is None:
-        return model
-    return DistributedDataParallel(model, process_group=pstate.dp_group,
-                                   device_ids=[pstate.device] if pstate.device.type == "cuda" else None)
+    p = cfg.parallel
+    if p.use_fsdp:
+        mesh = fsdp_mesh(pstate.mesh, p.fsdp_sharding_strategy)
+        if pstate.rank == 0:
+            logger.info("FSDP2: %s sharding over mesh %s (%s), mixed precision %s, CPU offload %s",
+                        p.fsdp_sharding_strategy, tuple(mesh.shape), ", ".join(mesh.mesh_dim_names),
+                        p.fsdp_mixed_precision, p.fsdp_offload_params)
+        return [_fully_shard(chunk, mesh, cfg, pstate) for chunk in chunks]
+    if pstate.dp_group is None or pstate.pp_size > 1 or p.use_distributed_optimizer:
+        return list(chunks)
+    device_ids = [pstate.device] if pstate.device.type == "cuda" else None
+    return [DistributedDataParallel(chunks[0], process_group=pstate.dp_group, device_ids=device_ids)]
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -105,12 +112,24 @@ def no_sync(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def full_state_dict_options(model: nn.Module) -> StateDictOptions:
-    """Options for ``get_model_state_dict`` / ``get_optimizer_state_dict`` (and their ``set_``)
-    that give whole tensors, as the single-file checkpoint stores them. Under FSDP the shards are
-    gathered to CPU on rank 0 only (the rank that writes; the others get empty dicts), so no
-    device holds a full copy; otherwise the tensors are views of the live ones, no copy."""
-    return StateDictOptions(full_state_dict=True, cpu_offload=is_fsdp(model))
+def gather_full_tensors(state: Any, keep: bool) -> Any:
+    """``state`` (a nested state dict) with every FSDP shard (``DTensor``) replaced by the whole
+    tensor it is a shard of, on CPU, where ``keep`` (the rank that writes); elsewhere the gathered
+    tensors are dropped at once. One tensor at a time, so no device holds a whole model; the full
+    tensor of an FSDP × TP shard is this TP rank's shard. Collective over each shard's mesh: every
+    rank of it calls this with the same ``state`` structure."""
+    if isinstance(state, dict):
+        gathered = {key: gather_full_tensors(value, keep) for key, value in state.items()}
+        return {key: value for key, value in gathered.items() if value is not _DROPPED}
+    if isinstance(state, list):
+        return [gather_full_tensors(value, keep) for value in state]
+    if isinstance(state, DTensor):
+        whole = state.full_tensor()
+        return whole.cpu() if keep else _DROPPED
+    return state
+
+
+_DROPPED = object()
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,46 +151,8 @@ def mixed_precision_policy(fsdp_precision: str, model_precision: str, device: to
     return MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute, reduce_dtype=torch.float32)
 
 
-def hsdp_shape(dp_size: int, ranks_per_node: int) -> tuple[int, int]:
-    """``(replicate, shard)`` sizes of the hybrid mesh: shard within a node, replicate across."""
-    if ranks_per_node < 1 or dp_size % ranks_per_node:
-        raise ConfigError([
-            f"parallel.fsdp_sharding_strategy: hybrid shards within a node and replicates across nodes, "
-            f"but the data-parallel size {dp_size} is not a multiple of the {ranks_per_node} ranks per node "
-            f"(LOCAL_WORLD_SIZE): launch the same number of ranks on every node, or use full"])
-    return dp_size // ranks_per_node, ranks_per_node
-
-
-def _ranks_per_node(device: torch.device) -> int:
-    if os.environ.get("LOCAL_WORLD_SIZE"):
-        return int(os.environ["LOCAL_WORLD_SIZE"])
-    if device.type == "cuda":
-        return torch.cuda.device_count()
-    raise ConfigError(["parallel.fsdp_sharding_strategy: hybrid needs the number of ranks per node: launch with "
-                       "torchrun (it sets LOCAL_WORLD_SIZE) or set LOCAL_WORLD_SIZE"])
-
-
-def dp_mesh(cfg: Config, pstate: ParallelState) -> DeviceMesh:
-    """The FSDP mesh over the DP ranks: 1-D for ``full``; 2-D ``(dp_replicate, dp_shard)`` for
-    ``hybrid`` and ``no_shard`` (HSDP). Collective: creates process groups on every rank."""
-    if pstate.tp_size > 1 or pstate.pp_size > 1:
-        raise ConfigError(["parallel.use_fsdp supports trainer.tensor_model_parallel_size = 1 and "
-                           "trainer.pipeline_model_parallel_size = 1 only"])
-    strategy = cfg.parallel.fsdp_sharding_strategy
-    if strategy == "full":
-        return init_device_mesh(pstate.device.type, (pstate.dp_size,), mesh_dim_names=("dp_shard",))
-    if strategy == "no_shard":
-        shape = (pstate.dp_size, 1)
-    elif strategy == "hybrid":
-        shape = hsdp_shape(pstate.dp_size, _ranks_per_node(pstate.device))
-    else:
-        raise ConfigError([f"parallel.fsdp_sharding_strategy: {strategy!r} is not one of full, hybrid, no_shard"])
-    return init_device_mesh(pstate.device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard"))
-
-
-def _fully_shard(model: nn.Module, cfg: Config, pstate: ParallelState) -> nn.Module:
+def _fully_shard(model: nn.Module, mesh: DeviceMesh, cfg: Config, pstate: ParallelState) -> nn.Module:
     p = cfg.parallel
-    mesh = dp_mesh(cfg, pstate)
     offload = OffloadPolicy()
     if p.fsdp_offload_params:
         offload = CPUOffloadPolicy(pin_memory=pstate.device.type == "cuda")
@@ -186,8 +167,4 @@ def _fully_shard(model: nn.Module, cfg: Config, pstate: ParallelState) -> nn.Mod
     fully_shard(model, **kwargs)
     for name, param in model.named_parameters():
         vars(param).update(attributes[name])
-    if pstate.rank == 0:
-        logger.info("FSDP2: %s sharding over mesh %s (%s), mixed precision %s, CPU offload %s",
-                    p.fsdp_sharding_strategy, tuple(mesh.shape), ", ".join(mesh.mesh_dim_names),
-                    p.fsdp_mixed_precision, p.fsdp_offload_params)
     return model

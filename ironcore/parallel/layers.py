@@ -141,8 +141,11 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, group, sequen
 
 def allreduce_sequence_parallel_grads(params: Iterable[nn.Parameter], group) -> None:
     """Sum, over the TP group, the grads of parameters marked ``sequence_parallel`` (replicated
-    weights such as norms that each saw only this rank's sequence chunk). One collective."""
+    weights such as norms that each saw only this rank's sequence chunk). One collective. Under
+    FSDP the grads are shards over DP (the same shard on every TP rank): their local parts are
+    summed."""
     grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     if not grads or group is None or torch.distributed.get_world_size(group) == 1:
         return
     flat = _flatten_dense_tensors(grads)

@@ -23,10 +23,11 @@ Schedules over ``m`` micro-batches on ``p`` stages (``forward_backward``):
 
 The bubble of the non-interleaved schedules is ``(p − 1) / (m + p − 1)`` of the step.
 
-After the schedule, `finalize_model_grads` all-reduces gradients over the data-parallel group (with
-several stages, which are never wrapped in DDP: its hooks assume forward and backward alternate) and sums the tied embedding's gradients between the first and last
-stages over the embedding group (`build_embedding_group`), as Megatron does, so the two copies of a
-tied embedding receive the same update.
+After the schedule, `finalize_model_grads` all-reduces gradients over the data-parallel group for
+stages that do not reduce their own (several stages are never wrapped in DDP: its hooks assume
+forward and backward alternate; FSDP stages reduce-scatter in backward). What a micro-batch is and
+what a stage computes from it is the caller's ``forward_step``: this module knows tensors and
+ranks, not the model (the tied embedding's sync is ``ironcore.training.tied_embedding``'s).
 
 Failures: a stage that raises reports the stage, rank and micro-batch; its neighbours, blocked in a
 transfer, give up after ``timeout_minute`` with a message naming the peer they waited for. No rank
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
 
 from ironcore.parallel import data_parallel
 from ironcore.parallel.state import ParallelState
@@ -184,15 +186,6 @@ class _P2P:
 
 # ---------------------------------------------------------------------------------------------------
 # Forward and backward of one micro-batch on one chunk
-
-
-def default_forward_step(model: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
-    """Run one chunk on one micro-batch: ``model(input_ids, labels=, position_ids=, segment_ids=,
-    hidden_states=)``; a last stage returns what `loss_fn` consumes (the per-token loss)."""
-    device = next(model.parameters()).device
-    get = lambda key: batch[key].to(device) if key in batch else None  # noqa: E731
-    return model(get("input_ids"), labels=get("labels"), position_ids=get("position_ids"),
-                 segment_ids=get("segment_ids"), hidden_states=hidden_states)
 
 
 class _MicroBatches:
@@ -510,7 +503,7 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
                      num_microbatches: int, pstate: ParallelState,
                      loss_fn: Callable[[torch.Tensor, dict], torch.Tensor], *, hidden_size: int,
                      sequence_parallel: bool = False,
-                     forward_step: Callable[[nn.Module, dict, Optional[torch.Tensor]], torch.Tensor] = default_forward_step,
+                     forward_step: Callable[[nn.Module, dict, Optional[torch.Tensor]], torch.Tensor],
                      dtype: torch.dtype = torch.float32,
                      scale_loss: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                      forward_only: bool = False, timeout_minute: float = 10.0,
@@ -520,14 +513,16 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
     Args:
         schedule: ``1f1b``, ``gpipe`` or ``interleaved`` (one chunk per rank for the first two).
         model_chunks: this rank's chunks in order (`pipeline_stages`); not DDP-wrapped when the
-            pipeline has more than one stage (`finalize_model_grads` reduces over DP instead).
+            pipeline has more than one stage (FSDP-sharded ones are fine; `finalize_model_grads`
+            reduces the others over DP).
         data_iterator: yields micro-batch dicts (``input_ids``, ``labels``, ``loss_mask``,
             ``position_ids``, optional ``segment_ids``); every stage draws the same micro-batches.
         loss_fn: ``loss_fn(last_stage_output, batch) -> scalar`` (e.g. the masked mean loss).
         hidden_size: ``d_model``, the last dim of the hidden states crossing stages.
         sequence_parallel: hidden states are split along the sequence over TP (``[b, s/tp, d]``).
-        forward_step: ``forward_step(chunk, batch, hidden_states_or_None) -> output`` (wrap it in
-            autocast for mixed precision).
+        forward_step: ``forward_step(chunk, batch, hidden_states_or_None) -> output``: the
+            model call for one micro-batch (the first stage gets ``None``; a last stage returns
+            what ``loss_fn`` consumes). Wrap it in autocast for mixed precision.
         dtype: dtype of the hidden states on the wire (outputs are cast to it).
         scale_loss: applied to ``loss / num_microbatches`` before backward (fp16 loss scaling).
         forward_only: no backward (evaluation; any number of micro-batches, any schedule).
@@ -546,8 +541,8 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
     shape_fn = lambda batch: activation_shape(batch, hidden_size, pstate.tp_size, sequence_parallel)  # noqa: E731
     p2p = None
     if pstate.pp_size > 1:
-        if any(data_parallel.reduces_gradients(c) for c in chunks):
-            raise ValueError("pipeline stages must not be wrapped in DistributedDataParallel or FSDP: call "
+        if any(isinstance(c, DistributedDataParallel) for c in chunks):
+            raise ValueError("pipeline stages must not be wrapped in DistributedDataParallel: call "
                              "finalize_model_grads after forward_backward to reduce gradients over data parallelism")
         p2p = _P2P(pstate, dtype, timedelta(minutes=timeout_minute))
     run = _Runner(chunks, batches, pstate, loss_fn, forward_step, p2p, shape_fn, dtype, scale_loss, forward_only,
@@ -567,53 +562,22 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
 # After the schedule: gradients and the reported loss
 
 
-def _pipeline_group_ranks(pstate: ParallelState) -> list[list[int]]:
-    """Ranks of every pipeline group, laid out as `ironcore.parallel.state` does (TP innermost)."""
-    tp, dp, pp = pstate.tp_size, pstate.dp_size, pstate.pp_size
-    return [[s * dp * tp + d * tp + t for s in range(pp)] for d in range(dp) for t in range(tp)]
-
-
-def build_embedding_group(pstate: ParallelState, tied_embeddings: bool) -> Optional[dist.ProcessGroup]:
-    """The group of the first and last stage of this rank's pipeline, over which the tied
-    embedding's gradients are summed; None when there is nothing to sync (untied embeddings, one
-    stage, or a rank in a middle stage). Collective: every rank must call it, in the same order."""
-    if not tied_embeddings or pstate.pp_size == 1:
-        return None
-    mine = None
-    for ranks in _pipeline_group_ranks(pstate):
-        group = dist.new_group([ranks[0], ranks[-1]], backend=pstate.backend)
-        if pstate.rank in (ranks[0], ranks[-1]):
-            mine = group
-    return mine
-
-
-def finalize_model_grads(model_chunks: Sequence[nn.Module], pstate: ParallelState,
-                         embedding_group: Optional[dist.ProcessGroup] = None) -> None:
-    """Complete the gradients after `forward_backward`, before clipping and the optimizer step:
-
-    1. with several stages, average over the data-parallel group (one flat all-reduce per dtype;
-       pipeline stages are never DP-wrapped). With one stage the DP wrapper (DDP, FSDP) has already
-       reduced in backward, so nothing is done here;
-    2. sum the tied embedding's gradient of the first and last stages over ``embedding_group``
-       (`build_embedding_group`), so both copies take the same step. The copies are what the
-       first chunk of the first stage and the last chunk of the last stage return from
-       ``shared_embedding_weight()``.
-    """
-    chunks = list(model_chunks)
-    if pstate.pp_size > 1 and pstate.dp_group is not None:
-        grads = [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
-        for dtype in {g.dtype for g in grads}:
-            group = [g for g in grads if g.dtype == dtype]
-            flat = _flatten_dense_tensors(group)
-            dist.all_reduce(flat, group=pstate.dp_group)
-            flat /= pstate.dp_size
-            for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
-                grad.copy_(reduced)
-    if embedding_group is not None:
-        weight = (chunks[0] if pstate.is_first_stage else chunks[-1]).shared_embedding_weight()
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=embedding_group)
+def finalize_model_grads(model_chunks: Sequence[nn.Module], pstate: ParallelState) -> None:
+    """Average the gradients of plain pipeline stages over the data-parallel group (one flat
+    all-reduce per dtype), after `forward_backward` and before clipping. A no-op for one stage
+    (its DP wrapper reduced in backward) and for FSDP stages (they reduce-scatter in backward);
+    the distributed optimizer passes no chunks here (it reduce-scatters itself)."""
+    chunks = [c for c in model_chunks if not data_parallel.is_fsdp(c)]
+    if pstate.pp_size == 1 or pstate.dp_group is None or not chunks:
+        return
+    grads = [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        group = [g for g in grads if g.dtype == dtype]
+        flat = _flatten_dense_tensors(group)
+        dist.all_reduce(flat, group=pstate.dp_group)
+        flat /= pstate.dp_size
+        for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
+            grad.copy_(reduced)
 
 
 def broadcast_from_last_stage(value: torch.Tensor, pstate: ParallelState) -> torch.Tensor:

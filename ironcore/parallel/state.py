@@ -1,12 +1,8 @@
-"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+"""Where this process sits in the layout, and the process groups it talks to.
 
-Ranks are laid out TP-innermost, as Megatron does, so a TP group is a run of consecutive ranks
-(usually one node's GPUs, where the bandwidth is)::
-
-    rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank
-
-Example, 8 ranks with TP=2, PP=2 (so DP=2): TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2]
-[1,3] [4,6] [5,7]; PP groups [0,4] [1,5] [2,6] [3,7].
+The layout itself (rank order, group membership) is `ironcore.parallel.mesh`'s: `init_distributed`
+builds the one ``DeviceMesh`` and reads every group and coordinate off it. `ParallelState` is the
+flat view the model and the loop use (``tp_group``, ``dp_rank``, ...).
 
 A group of size one is stored as ``None`` (callers test ``group is not None`` before a collective:
 to torch.distributed ``None`` would mean the WORLD group). Every function in ``parallel/`` skips
@@ -28,6 +24,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from ironcore.parallel.mesh import DIMS, MeshShape, build_device_mesh, group_of, mesh_shape
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,9 @@ ProcessGroup = Optional[dist.ProcessGroup]
 
 @dataclass
 class ParallelState:
-    """Where this process sits in the TP × DP × PP grid, and the groups it talks to."""
+    """Where this process sits in the PP × DP × CP × TP mesh, and the groups it talks to. ``dp`` is
+    the flattened ``dp_replicate × dp_shard`` dimension; ``mesh`` is None for a single process
+    described without torch.distributed."""
 
     rank: int = 0
     world_size: int = 1
@@ -52,6 +53,11 @@ class ParallelState:
     dp_size: int = 1
     dp_rank: int = 0
     dp_group: ProcessGroup = None
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_group: ProcessGroup = None
+    shape: MeshShape = MeshShape()
+    mesh: Optional[DeviceMesh] = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -100,39 +106,19 @@ def _pick_backend(requested: str, local_rank: int) -> tuple[str, torch.device]:
     return "gloo", torch.device("cpu")
 
 
-def _new_groups(rank: int, group_ranks: list[list[int]], backend: str) -> ProcessGroup:
-    """Create every group of one kind (all ranks must call new_group for all of them, in order);
-    return the one holding `rank`, or None when groups have a single member."""
-    if len(group_ranks[0]) == 1:
-        return None
-    mine = None
-    for ranks in group_ranks:
-        group = dist.new_group(ranks, backend=backend)
-        if rank in ranks:
-            mine = group
-    return mine
-
-
-def build_parallel_state(rank: int, world_size: int, local_rank: int, tp_size: int, pp_size: int,
-                         device: torch.device, backend: str) -> ParallelState:
-    """Lay ranks out TP-innermost and create the TP, DP and PP groups (see the module docstring)."""
-    if world_size % (tp_size * pp_size) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by trainer.tensor_model_parallel_size ({tp_size}) × "
-            f"trainer.pipeline_model_parallel_size ({pp_size})")
-    dp_size = world_size // (tp_size * pp_size)
-
-    def grid(pp: int, dp: int, tp: int) -> int:
-        return pp * dp_size * tp_size + dp * tp_size + tp
-
-    tp_ranks = [[grid(p, d, t) for t in range(tp_size)] for p in range(pp_size) for d in range(dp_size)]
-    dp_ranks = [[grid(p, d, t) for d in range(dp_size)] for p in range(pp_size) for t in range(tp_size)]
-    pp_ranks = [[grid(p, d, t) for p in range(pp_size)] for d in range(dp_size) for t in range(tp_size)]
+def build_parallel_state(shape: MeshShape, rank: int, local_rank: int, device: torch.device,
+                         backend: str) -> ParallelState:
+    """Build the mesh of ``shape`` (collective) and read this rank's groups and coordinates off it."""
+    mesh, dp_mesh = build_device_mesh(shape, device.type)
+    coords = shape.coordinates(rank)
     return ParallelState(
-        rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
-        tp_size=tp_size, tp_rank=rank % tp_size, tp_group=_new_groups(rank, tp_ranks, backend),
-        pp_size=pp_size, pp_rank=rank // (dp_size * tp_size), pp_group=_new_groups(rank, pp_ranks, backend),
-        dp_size=dp_size, dp_rank=(rank // tp_size) % dp_size, dp_group=_new_groups(rank, dp_ranks, backend),
+        rank=rank, world_size=shape.world_size, local_rank=local_rank, device=device, backend=backend,
+        tp_size=shape.tp, tp_rank=coords["tp"], tp_group=group_of(mesh, "tp"),
+        pp_size=shape.pp, pp_rank=coords["pp"], pp_group=group_of(mesh, "pp"),
+        dp_size=shape.dp, dp_rank=coords["dp_replicate"] * shape.dp_shard + coords["dp_shard"],
+        dp_group=group_of(dp_mesh),
+        cp_size=shape.cp, cp_rank=coords["cp"], cp_group=group_of(mesh, "cp"),
+        shape=shape, mesh=mesh,
     )
 
 
@@ -185,11 +171,11 @@ def init_distributed(cfg) -> ParallelState:
     else:
         rank, world_size = dist.get_rank(), dist.get_world_size()
     cfg.parallel.rank, cfg.parallel.world_size, cfg.parallel.local_rank = rank, world_size, local_rank
-    _STATE = build_parallel_state(rank, world_size, local_rank, cfg.trainer.tensor_model_parallel_size,
-                                  cfg.trainer.pipeline_model_parallel_size, device, backend)
+    shape = mesh_shape(cfg, world_size)
+    _STATE = build_parallel_state(shape, rank, local_rank, device, backend)
     if rank == 0:
-        logger.info("torch.distributed: backend %s, world size %d (TP %d × PP %d × DP %d), device %s",
-                    backend, world_size, _STATE.tp_size, _STATE.pp_size, _STATE.dp_size, device.type)
+        logger.info("torch.distributed: backend %s, world size %d, mesh %s, device %s", backend, world_size,
+                    " × ".join(f"{dim} {size}" for dim, size in zip(DIMS, shape.sizes)), device.type)
     return _STATE
 
 

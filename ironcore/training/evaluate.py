@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ironcore.config import Config
+from ironcore.model import batch_inputs
 from ironcore.parallel import pipeline
 from ironcore.training.precision import autocast
 
@@ -25,9 +26,7 @@ logger = logging.getLogger(__name__)
 
 def masked_loss_sums(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token loss × loss_mask, sum of loss_mask) of one micro-batch."""
-    per_token = model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                      position_ids=batch["position_ids"].to(device),
-                      segment_ids=batch["segment_ids"].to(device) if "segment_ids" in batch else None)
+    per_token = model(**batch_inputs(batch, device))
     mask = batch["loss_mask"].to(device)
     return (per_token.float() * mask).sum(), mask.sum()
 
@@ -50,7 +49,7 @@ def evaluate(model: nn.Module, dataset, num_samples: int, micro_batch_size: int,
 
     def forward_step(chunk: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
         with autocast(precision, pstate.device):
-            return pipeline.default_forward_step(chunk, batch, hidden_states)
+            return chunk(**batch_inputs(batch, pstate.device), hidden_states=hidden_states)
 
     def loss_sums(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
         mask = batch["loss_mask"].to(pstate.device)
@@ -73,17 +72,15 @@ def evaluate(model: nn.Module, dataset, num_samples: int, micro_batch_size: int,
 
 def main(cfg: Config) -> int:
     """``ironcore eval CONFIG``: evaluate the latest checkpoint on the eval and test splits."""
-    from ironcore.checkpoint.io import load_checkpoint
-    from ironcore.data import build_datasets, build_tokenizer, resolve_vocab_size
-    from ironcore.model import build_model
+    from ironcore.data import build_datasets
     from ironcore.parallel.state import destroy_distributed, init_distributed
+    from ironcore.training.build import build_run
 
     pstate = init_distributed(cfg)
     try:
-        tokenizer = build_tokenizer(cfg.model)
-        datasets = build_datasets(cfg, tokenizer)
-        model = build_model(cfg, pstate, resolve_vocab_size(cfg, tokenizer))
-        resumed = load_checkpoint(cfg, pstate, model, None, None, None) if cfg.trainer.model_path else None
+        run = build_run(cfg, pstate, mode="eval")
+        datasets = build_datasets(cfg, run.tokenizer)
+        model, resumed = run.model, run.resumed
         if resumed is None:
             if pstate.rank == 0:
                 logger.error("ironcore eval: no checkpoint in trainer.model_path (%r) to evaluate",

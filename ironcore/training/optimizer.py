@@ -22,11 +22,14 @@ is fp32 as well.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ironcore.config.schema import OptimConfig
+from ironcore.parallel.distributed_optimizer import DistributedOptimizer
+from ironcore.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +81,26 @@ def _nvidia_fused_adam():
     return FusedAdam
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
+                    shard_over: Optional[ParallelState] = None):
     """Adam over ``param_groups(model, ...)`` with decoupled (``adamw``) or coupled L2 (``adam``)
-    weight decay; lr starts at ``max_lr`` and is then driven by the scheduler (``scheduler.build_scheduler``)."""
+    weight decay; lr starts at ``max_lr`` and is then driven by the scheduler (``scheduler.build_scheduler``).
+    With ``shard_over`` (``parallel.use_distributed_optimizer``) it is wrapped in a
+    `DistributedOptimizer` whose state is split over that state's data-parallel group."""
     if optim.optimizer not in ("adam", "adamw"):
         raise ValueError(f"optim.optimizer: {optim.optimizer!r} is not supported; allowed: adam, adamw")
-    decoupled = optim.optimizer == "adamw"
-    decay = "decoupled weight decay" if decoupled else "coupled L2 weight decay"
     groups = param_groups(model, optim.weight_decay, optim.no_decay_on_embedding)
     for g in groups:
         g.pop("names")  # apex rejects unknown group keys; names are only for inspection
+    make = lambda groups: _adam(groups, optim, device)  # noqa: E731
+    if shard_over is not None:
+        return DistributedOptimizer(groups, make, shard_over)
+    return make(groups)
+
+
+def _adam(groups: list[dict], optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    decoupled = optim.optimizer == "adamw"
+    decay = "decoupled weight decay" if decoupled else "coupled L2 weight decay"
     kwargs = dict(lr=optim.max_lr, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
                   weight_decay=optim.weight_decay)
     fused_adam = _nvidia_fused_adam() if device.type == "cuda" else None

@@ -52,14 +52,14 @@ from ironcore.config import Config, ConfigError, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.profiling import Profiler, nvtx_range
+from ironcore.model import batch_inputs
+from ironcore.training.tied_embedding import sync_tied_embedding_grads
 from ironcore.parallel import pipeline
-from ironcore.parallel.data_parallel import wrap_data_parallel
+from ironcore.parallel.distributed_optimizer import is_distributed_optimizer, optimizer_state_bytes
 from ironcore.parallel.state import ParallelState, destroy_distributed, init_distributed
+from ironcore.training.build import build_run
 from ironcore.training.evaluate import evaluate
-from ironcore.training.optimizer import build_optimizer
-from ironcore.training.precision import autocast, build_grad_scaler, compute_dtype
-from ironcore.training.recompute import apply_activation_recompute
-from ironcore.training.scheduler import build_scheduler
+from ironcore.training.precision import autocast, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,7 @@ class Trainer:
     """Builds everything a run needs from ``cfg`` on this rank, then ``run()`` trains."""
 
     def __init__(self, cfg: Config, pstate: ParallelState):
-        from ironcore.checkpoint.io import load_checkpoint
-        from ironcore.checkpoint.pretrained import load_pretrained
-        from ironcore.data import build_datasets, build_loader, build_tokenizer, resolve_vocab_size
-        from ironcore.model import build_model, model_stages
+        from ironcore.data import build_datasets, build_loader
 
         self.cfg, self.pstate = cfg, pstate
         _configure_logging(cfg.utils.log_level, pstate.rank)
@@ -154,43 +151,17 @@ class Trainer:
                                "allowed for training: pretrain, sft (DPO data can be prepared and loaded)"])
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
-        tokenizer = build_tokenizer(cfg.model)
-        self.vocab_size = resolve_vocab_size(cfg, tokenizer)
-        self.datasets = build_datasets(cfg, tokenizer)
-        # This rank's pipeline chunks: one, or several under the interleaved schedule. `self.model`
-        # is what the optimizer, checkpoints and evaluation see.
-        self.chunks = [build_model(cfg, pstate, self.vocab_size, stage) for stage in model_stages(cfg, pstate)]
-        load_pretrained(cfg, pstate, self.chunks)  # trainer.pretrained_checkpoint, unless resuming
-        for chunk in self.chunks:
-            apply_activation_recompute(chunk, cfg.operation)
-            if cfg.trainer.compile_model:
-                chunk.compile()  # in place: parameter names (and checkpoints) are unchanged
-        # What the schedule runs: one stage is wrapped for data parallelism (DDP over the DP group, or
-        # FSDP2 sharding it in place, which is why this comes before the optimizer); pipeline stages
-        # are not (DDP's hooks assume forward and backward alternate; finalize_model_grads reduces).
-        self.stages: list[nn.Module] = list(self.chunks)
-        if pstate.pp_size == 1:
-            self.stages = [wrap_data_parallel(self.chunks[0], cfg, pstate)]
-        self.model = self.chunks[0] if len(self.chunks) == 1 else nn.ModuleList(self.chunks)
-        # On the parameters' device: CPU under FSDP's CPU offload.
-        self.optimizer = build_optimizer(self.model, cfg.optim, next(self.model.parameters()).device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.operation.train_steps)
-        self.scaler = build_grad_scaler(cfg.model.precision, pstate.device)
-
-        resumed = load_checkpoint(cfg, pstate, self.model, self.optimizer, self.scheduler, self.scaler) \
-            if cfg.trainer.model_path else None
-        self.scheduler.apply()  # the optimizer's lr must follow the (possibly fresh) schedule
-        if self.scaler is not None and pstate.pp_size > 1:
-            # Only the last stage scales a loss, but every stage unscales its (scaled) gradients:
-            # make the scaler hold its scale on every rank.
-            self.scaler.scale(torch.zeros((), device=pstate.device))
+        run = build_run(cfg, pstate)
+        self.datasets = build_datasets(cfg, run.tokenizer)
+        self.chunks, self.stages, self.model = run.chunks, run.stages, run.model
+        self.optimizer, self.scheduler, self.scaler = run.optimizer, run.scheduler, run.scaler
+        self.embedding_group = run.embedding_group
+        resumed = run.resumed
         self.step = resumed["iteration"] if resumed else 0
         self.rng_state = resumed["rng_state"] if resumed else None  # restored by run(), last
         consumed = resumed["data_state"]["consumed_samples"] if resumed else 0
         self.loader = build_loader(self.datasets["train"], cfg.trainer.micro_batch_size, pstate.dp_rank,
                                    pstate.dp_size, cfg.init.seed, consumed_samples=consumed)
-
-        self.embedding_group = pipeline.build_embedding_group(pstate, not cfg.model.untie_embed)
 
         flops = metrics.model_flops_per_token(cfg.model, self.chunks[0].padded_vocab_size, cfg.model.max_seq_len)
         peak = metrics.device_peak_flops(pstate.device, compute_dtype(cfg.model.precision))
@@ -209,7 +180,7 @@ class Trainer:
 
     def _forward_step(self, model: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
         with autocast(self.cfg.model.precision, self.pstate.device), nvtx_range("forward"):
-            return pipeline.default_forward_step(model, batch, hidden_states)
+            return model(**batch_inputs(batch, self.pstate.device), hidden_states=hidden_states)
 
     def _masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
         mask = batch["loss_mask"].to(self.pstate.device)
@@ -281,15 +252,12 @@ class Trainer:
                     "saving. Resume from the last checkpoint with a lower optim.max_lr, or check the data.")
             return StepResult(loss, lr, None, True, tokens * self.pstate.dp_size, time.perf_counter() - t0), signalled
         self.skipped_in_a_row = 0
-        for chunk in self.chunks:
-            chunk.sync_sequence_parallel_grads()
-        pipeline.finalize_model_grads(self.stages, self.pstate, self.embedding_group)
+        self._finalize_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if self.cfg.optim.clip_grad > 0 or self.cfg.trainer.grad_norm_log_interval:
-            grad_norm = metrics.clip_grad_norm_(self.params, self.cfg.optim.clip_grad,
-                                                self.pstate.tp_group, self.pstate.pp_group).item()
+            grad_norm = self._clip_grad_norm().item()
         skipped = False
         if self.scaler is not None:
             scale = self.scaler.get_scale()
@@ -304,6 +272,31 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - t0
         return StepResult(loss, lr, grad_norm, skipped, tokens * self.pstate.dp_size, seconds), signalled
+
+    def _finalize_grads(self) -> None:
+        """Whole gradients fixed up (sequence-parallel and tied-embedding sums), reduced over DP."""
+        for chunk in self.chunks:
+            chunk.sync_sequence_parallel_grads()
+        if is_distributed_optimizer(self.optimizer):
+            sync_tied_embedding_grads(self.chunks, self.pstate, self.embedding_group)
+            self.optimizer.reduce_scatter_grads()
+        else:
+            pipeline.finalize_model_grads(self.stages, self.pstate)
+            sync_tied_embedding_grads(self.chunks, self.pstate, self.embedding_group)
+
+    def _log_optimizer_memory(self) -> None:
+        # Known only after the first step: torch's Adam creates its state lazily.
+        if self.pstate.rank == 0:
+            sharded = (" (sharded over DP %d)" % self.pstate.dp_size
+                       if is_distributed_optimizer(self.optimizer) or self.cfg.parallel.use_fsdp else "")
+            logger.info("optimizer state: %.2f MiB on rank 0%s", optimizer_state_bytes(self.optimizer) / 2**20,
+                        sharded)
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        if is_distributed_optimizer(self.optimizer):
+            return self.optimizer.clip_grad_norm_(self.cfg.optim.clip_grad)
+        return metrics.clip_grad_norm_(self.params, self.cfg.optim.clip_grad, self.pstate.tp_group,
+                                       self.pstate.pp_group)
 
     # ------------------------------------------------------------------ around the steps
 
@@ -399,6 +392,8 @@ class Trainer:
                     with nvtx_range(f"step {self.step + 1}"):
                         result, signalled = self.train_step(stop)
                     profile_done = self.profiler.step_end(self.step - 1)
+                    if self.step == start_step + 1:
+                        self._log_optimizer_memory()
                     if not math.isnan(result.loss):  # a skipped non-finite step was logged as a warning
                         window.append(result)
                         losses.append(result.loss)
@@ -458,6 +453,7 @@ class Trainer:
             "elapsed_s": elapsed,
             "consumed_samples": self.loader.state_dict()["consumed_samples"],
             "checkpoint": checkpoint,
+            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),  # this rank's
         }
         if self.pstate.rank == 0:
             fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
