@@ -4,8 +4,8 @@
 All three train the same GPT-2-style shape on the same random tokens, in one process and one run:
 forward, backward, clip the gradient norm to 1.0, fused AdamW step. The measurements are
 interleaved (round-robin, several rounds, the fastest kept) because shared machines are noisy.
-IronCore's step is the trainer's own pieces (autocast, masked token loss, global-norm clipping,
-``build_optimizer``). MFU uses the model FLOPs of ``ironcore.observe.metrics`` (the same count for
+IronCore's step is the trainer's own ``train_step`` on a run built by ``build_run`` (so the pipeline
+schedule, loss checks and LR schedule are timed too, and its batches come from the real loader). MFU uses the model FLOPs of ``ironcore.observe.metrics`` (the same count for
 the three models) against the device's peak: the dense bf16 table on GPUs; on CPU the best rate of
 a 2048-square GEMM in the compute dtype, measured in every round beside the models.
 
@@ -31,13 +31,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ironcore.config import Config  # noqa: E402
-from ironcore.model import build_model  # noqa: E402
+from ironcore.config import Config, validate_config  # noqa: E402
 from ironcore.observe import metrics  # noqa: E402
-from ironcore.parallel.state import ParallelState  # noqa: E402
-from ironcore.training.evaluate import masked_loss_sums  # noqa: E402
-from ironcore.training.optimizer import build_optimizer  # noqa: E402
+from ironcore.parallel.state import destroy_distributed, init_distributed  # noqa: E402
 from ironcore.training.precision import autocast, compute_dtype  # noqa: E402
+from ironcore.training.trainer import Trainer, _StopSignal  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- a plain PyTorch GPT
@@ -85,30 +83,31 @@ def _adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
 
 
 def ironcore_step(args, device):
+    """The trainer's own step (``Trainer.train_step``: the pipeline schedule's forward/backward,
+    loss averaging and the non-finite check, clipping, fused AdamW, LR schedule) on a run built by
+    ``training.build.build_run``, reading the shipped Shakespeare corpus through the real loader.
+    The batch the peers get is not used: the trainer draws its own, of the same shape."""
     cfg = Config()
     m = cfg.model
     m.d_model, m.d_ffn, m.num_layers, m.num_attention_heads = args.d_model, 4 * args.d_model, args.layers, args.heads
     m.max_seq_len, m.precision, m.activation_type = args.seq_len, args.precision, "gelu_tanh"
     m.dropout_embd = m.dropout_attn = m.dropout_mlp = 0.0
     cfg.data.vocab_size = args.vocab
-    cfg.optim.max_lr, cfg.optim.weight_decay = 1e-4, 0.1
+    cfg.optim.max_lr, cfg.optim.weight_decay, cfg.optim.clip_grad = 1e-4, 0.1, 1.0
     cfg.trainer.use_flash_attn = device.type == "cuda"
-    pstate = ParallelState(device=device)
-    model = build_model(cfg, pstate, args.vocab)
-    if args.compile:
-        model.compile()
-    optimizer = build_optimizer(model, cfg.optim, device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    cfg.trainer.micro_batch_size, cfg.trainer.train_batch_size = args.batch, args.batch
+    cfg.trainer.compile_model = args.compile
+    cfg.operation.train_steps = 10 * (args.warmup + args.rounds * args.steps)
+    cfg.parallel.dist_backend = "nccl" if device.type == "cuda" else "gloo"
+    cfg = validate_config(cfg)
+    trainer = Trainer(cfg, init_distributed(cfg))
+    trainer.model.train()
+    stop = _StopSignal()  # never entered: no signal handlers in a benchmark
 
     def step(batch: dict) -> None:
-        with autocast(args.precision, device):
-            loss_sum, tokens = masked_loss_sums(model, batch, device)
-        (loss_sum / tokens).backward()
-        metrics.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.train_step(stop)
 
-    return step, model.padded_vocab_size
+    return step, trainer.chunks[0].padded_vocab_size
 
 
 def hf_step(args, device):
@@ -222,6 +221,7 @@ def main(argv=None) -> int:
         if device.type == "cpu":  # the CPU ceiling is measured in the same rounds, under the same load
             cpu_peaks.append(metrics.gemm_flops(compute_dtype(args.precision), size=2048, repeats=3))
 
+    destroy_distributed()
     model_cfg = Config().model
     model_cfg.d_model, model_cfg.d_ffn, model_cfg.num_layers = args.d_model, 4 * args.d_model, args.layers
     model_cfg.num_attention_heads = args.heads

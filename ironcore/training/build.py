@@ -63,10 +63,12 @@ class Run:
         self.model: nn.Module = self.chunks[0] if len(self.chunks) == 1 else nn.ModuleList(self.chunks)
 
 
-def build_run(cfg: Config, pstate: ParallelState, mode: str = "train") -> Run:
+def build_run(cfg: Config, pstate: ParallelState, mode: str = "train", tokenizer: Any = None) -> Run:
     """Build this rank's part of a run (module docstring). ``mode``: ``train`` (everything),
     ``eval`` (the model, compiled when asked, with the weights of model_path's checkpoint),
-    ``inference`` (the bare model, for a caller that loads weights itself). Collective."""
+    ``inference`` (the bare model, for a caller that loads weights itself). ``tokenizer``: one the
+    caller already built (the trainer reads its data first, so bad data fails before any model
+    is built). Collective."""
     from ironcore.checkpoint.io import load_checkpoint
     from ironcore.checkpoint.pretrained import load_pretrained
     from ironcore.data import build_tokenizer, resolve_vocab_size
@@ -75,7 +77,7 @@ def build_run(cfg: Config, pstate: ParallelState, mode: str = "train") -> Run:
 
     if mode not in MODES:
         raise ValueError(f"build_run: mode {mode!r} is not one of {', '.join(MODES)}")
-    tokenizer = build_tokenizer(cfg.model)
+    tokenizer = tokenizer or build_tokenizer(cfg.model)
     # A loaded model's vocabulary is the one it was saved with (its caller checks the tokenizer).
     vocab_size = cfg.data.vocab_size if mode == "inference" and cfg.data.vocab_size else \
         resolve_vocab_size(cfg, tokenizer)

@@ -142,7 +142,7 @@ class Trainer:
     """Builds everything a run needs from ``cfg`` on this rank, then ``run()`` trains."""
 
     def __init__(self, cfg: Config, pstate: ParallelState):
-        from ironcore.data import build_datasets, build_loader
+        from ironcore.data import build_datasets, build_loader, build_tokenizer
 
         self.cfg, self.pstate = cfg, pstate
         _configure_logging(cfg.utils.log_level, pstate.rank)
@@ -151,8 +151,9 @@ class Trainer:
                                "allowed for training: pretrain, sft (DPO data can be prepared and loaded)"])
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
-        run = build_run(cfg, pstate)
-        self.datasets = build_datasets(cfg, run.tokenizer)
+        tokenizer = build_tokenizer(cfg.model)
+        self.datasets = build_datasets(cfg, tokenizer)  # bad data fails before a model is built
+        run = build_run(cfg, pstate, tokenizer=tokenizer)
         self.chunks, self.stages, self.model = run.chunks, run.stages, run.model
         self.optimizer, self.scheduler, self.scaler = run.optimizer, run.scheduler, run.scaler
         self.embedding_group = run.embedding_group
