@@ -93,6 +93,8 @@ def ironcore_step(args, device):
     m.max_seq_len, m.precision, m.activation_type = args.seq_len, args.precision, "gelu_tanh"
     m.dropout_embd = m.dropout_attn = m.dropout_mlp = 0.0
     cfg.data.vocab_size = args.vocab
+    shakespeare = Path(__file__).resolve().parents[1] / "ironcore" / "assets" / "tinyshakespeare.txt"
+    cfg.data.train_datasets = [{"path": str(shakespeare), "weight": 1.0}]
     cfg.optim.max_lr, cfg.optim.weight_decay, cfg.optim.clip_grad = 1e-4, 0.1, 1.0
     cfg.trainer.use_flash_attn = device.type == "cuda"
     cfg.trainer.micro_batch_size, cfg.trainer.train_batch_size = args.batch, args.batch
