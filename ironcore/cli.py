@@ -3,6 +3,7 @@
     ironcore [train] CONFIG [group.key=value ...]     train (the default subcommand)
     ironcore train --config CONFIG [overrides ...]    the same, as earlier releases spelled it
     ironcore config CONFIG [overrides ...]            print the resolved config, each key with its source
+    ironcore config --from-checkpoint CKPT            the same for the config a checkpoint was trained with
     ironcore eval CONFIG [overrides ...]              evaluate model_path's latest checkpoint
     ironcore preprocess ...                           tokenize text into indexed datasets
     ironcore data-stats ...                           statistics of indexed datasets
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -74,6 +76,10 @@ def _run_parser(command: str) -> argparse.ArgumentParser:
         epilog="Overrides: group.key=value (YAML scalars, e.g. optim.max_lr=3e-4, "
                "model.positional_embedding.type=rope) or group=preset (e.g. model=gpt2-small).")
     parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="the YAML config file")
+    if command == "config":
+        parser.add_argument("--from-checkpoint", metavar="CKPT",
+                            help="a trainer.model_path (its latest checkpoint) or an iter_NNNNNNN folder: print "
+                                 "the config it was trained with, each key's source and where the run came from")
     parser.add_argument("args", nargs="*", metavar="CONFIG [OVERRIDES]",
                         help="the YAML config file (unless --config is given), then overrides")
     return parser
@@ -94,13 +100,39 @@ def _setup_logging(cfg: Config) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    cfg, _, _ = _load("train", argv)
+    cfg, provenance, _ = _load("train", argv)
     _setup_logging(cfg)
-    _module("ironcore.training.trainer").train(cfg)
+    _module("ironcore.training.trainer").train(cfg, provenance)
+    return 0
+
+
+_RUN_INFO_HEADER = (("git_commit", "git commit"), ("git_dirty", "uncommitted changes"), ("command", "command"),
+                    ("cwd", "in"), ("start_time", "started"), ("hostnames", "hosts"), ("layout", "layout"),
+                    ("versions", "versions"))
+
+
+def _print_from_checkpoint(folder: str) -> int:
+    from ironcore.config.saved import load_saved_config
+
+    cfg, provenance, info = load_saved_config(folder)
+    print(f"# Resolved config of checkpoint {folder}; each key's comment says where its value came from.")
+    for key, label in _RUN_INFO_HEADER:
+        if key in info:
+            value = info[key]
+            print(f"# {label}: {value if isinstance(value, str) else json.dumps(value)}")
+    if not info:
+        print("# (this checkpoint has no run metadata: it was written before IronCore recorded it)")
+    print(to_yaml(cfg, provenance), end="")
     return 0
 
 
 def cmd_config(argv: Sequence[str]) -> int:
+    parsed = _run_parser("config").parse_args(list(argv))
+    if parsed.from_checkpoint is not None:
+        if parsed.args or parsed.config_option:
+            raise UsageError("ironcore config --from-checkpoint CKPT takes no CONFIG or overrides: it prints "
+                             "the checkpoint's config as it was trained")
+        return _print_from_checkpoint(parsed.from_checkpoint)
     cfg, provenance, path = _load("config", argv)
     print(f"# Resolved by `ironcore config {path}`; each key's comment says where its value came from.")
     print(to_yaml(cfg, provenance), end="")

@@ -30,7 +30,7 @@ def fake_modules(monkeypatch):
     """Stand-ins for the lazily imported trainer/evaluator/tools, recording what they were given."""
     calls: dict[str, object] = {}
     modules = {
-        "ironcore.training.trainer": types.SimpleNamespace(train=lambda cfg: calls.setdefault("train", cfg)),
+        "ironcore.training.trainer": types.SimpleNamespace(train=lambda cfg, provenance: calls.setdefault("train", cfg)),
         "ironcore.training.evaluate": types.SimpleNamespace(main=lambda cfg: calls.setdefault("eval", cfg) and 0),
         "ironcore.data.preprocess": types.SimpleNamespace(main=lambda argv: calls.setdefault("preprocess", argv) and 0),
         "ironcore.data.stats": types.SimpleNamespace(main=lambda argv: calls.setdefault("data-stats", argv) and 3),
@@ -63,7 +63,7 @@ def test_eval_and_tools_dispatch(fake_modules, cfg_file):
 def test_run_time_failure_is_one_line_naming_the_rank(monkeypatch, cfg_file, capsys):
     from ironcore.training.trainer import NonFiniteLossError
 
-    def train(cfg):
+    def train(cfg, provenance):
         raise NonFiniteLossError("loss is nan at step 3 on rank 1")
 
     monkeypatch.setattr(cli, "_module", lambda name: types.SimpleNamespace(train=train)

@@ -34,7 +34,9 @@ def test_jsonl_tensorboard_and_mlflow_read_back(tmp_path, monkeypatch):
     cfg.trainer.model_name = "logger-test"
     cfg.utils.tensorboard_dir = str(tmp_path / "tb")
     cfg.utils.mlflow_tracking_uri = (tmp_path / "mlruns").as_uri()
-    log = TrainingLogger(cfg, rank=0, resolved_config=to_dict(cfg))
+    info = {"git_commit": "ab" * 20, "git_dirty": True, "layout": {"tp_size": 2}, "hostnames": ["n1", "n2"],
+            "provenance": {"model.d_model": "default"}}
+    log = TrainingLogger(cfg, rank=0, resolved_config=to_dict(cfg), run_info=info)
     log.log_step(1, STEP)
     log.log_step(2, {**STEP, "loss": 4.0})
     log.log_eval(2, "eval", 3.5, 33.1)
@@ -49,6 +51,8 @@ def test_jsonl_tensorboard_and_mlflow_read_back(tmp_path, monkeypatch):
     acc.Reload()
     assert [e.value for e in acc.Scalars("train/loss")] == [4.25, 4.0]
     assert [e.value for e in acc.Scalars("eval/eval_loss")] == [3.5]
+    logged_info = acc.Tensors("run_info/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert json.loads(logged_info.strip("`\n")) == {k: v for k, v in info.items() if k != "provenance"}
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=cfg.utils.mlflow_tracking_uri)
@@ -56,6 +60,10 @@ def test_jsonl_tensorboard_and_mlflow_read_back(tmp_path, monkeypatch):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [4.25, 4.0]
     assert run.data.params["model.d_model"] == "512"
     assert run.data.params["optim.lr_scheduler"] == "cosine"
+    tags = run.data.tags
+    assert tags["run.git_commit"] == tags["mlflow.source.git.commit"] == "ab" * 20
+    assert (tags["run.git_dirty"], tags["run.layout.tp_size"], tags["run.hostnames"]) == ("true", "2", '["n1", "n2"]')
+    assert not any(k.startswith("run.provenance") for k in tags)
 
 
 def test_sqlite_store_without_full_mlflow_is_a_config_error(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ Layout of one checkpoint (``trainer.model_path``)::
     iter_0001000/
       manifest.json              size and sha256 of every other file (written last, by rank 0)
       config.yaml                the resolved config (``ironcore.config.to_dict``)
+      run_info.json              where the run came from (``ironcore.observe.run_info``), when given
       common.pt                  iteration, LR scheduler, loss scaler, data position, model-shape keys
       model_tp00_pp00.pt         model weights of one (TP, PP) shard, written by its DP rank 0
       optim_tp00_pp00.pt         optimizer state of that shard (keyed by parameter name)
@@ -53,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ironcore.checkpoint import distributed
 from ironcore.checkpoint.errors import CheckpointError, load_file, one_line
 from ironcore.config import to_dict
+from ironcore.config.saved import CONFIG_FILE, RUN_INFO_FILE
 from ironcore.parallel.data_parallel import gather_full_tensors
 from ironcore.parallel.distributed_optimizer import optimizer_state_dict, set_optimizer_state
 from ironcore.parallel.random import get_rng_tracker
@@ -61,7 +63,6 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-CONFIG_FILE = "config.yaml"
 COMMON_FILE = "common.pt"
 DIST_DIR = "dist"
 FORMAT_VERSION = 1
@@ -318,11 +319,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(cfg, pstate, iteration: int, model, optimizer, scheduler, scaler,
-                    data_state: dict) -> Path:
+                    data_state: dict, run_info: Optional[dict] = None) -> Path:
     """Write ``model_path/iter_{iteration:07d}/`` atomically, then point ``latest`` at it.
 
     Collective: every rank calls it. Returns the final folder. ``optimizer``, ``scheduler`` and
-    ``scaler`` may be None (nothing is stored for them). A failure on any rank (disk full, ...)
+    ``scaler`` may be None (nothing is stored for them); so may ``run_info``. A failure on any rank (disk full, ...)
     raises CheckpointError on every rank and leaves ``latest`` where it was.
     """
     if not cfg.trainer.model_path:
@@ -351,6 +352,9 @@ def save_checkpoint(cfg, pstate, iteration: int, model, optimizer, scheduler, sc
             }
             files[COMMON_FILE] = _save_file(tmp / COMMON_FILE, common)
             files[CONFIG_FILE] = _save_file(tmp / CONFIG_FILE, data=_config_yaml(cfg).encode())
+            if run_info is not None:
+                files[RUN_INFO_FILE] = _save_file(tmp / RUN_INFO_FILE,
+                                                  data=json.dumps(run_info, indent=1).encode())
         return files
 
     _on_every_rank(pstate, lambda: tmp.mkdir(parents=True) if pstate.rank == 0 else None)

@@ -8,10 +8,11 @@ are already reduced over the ranks that matter). Each sink is opened only when c
   (``step, loss, lr, tokens_per_s, mfu`` and whatever else was measured) and per evaluation
   (``step, eval_loss, eval_ppl`` / ``test_loss``); skipped when ``model_path`` is empty;
 * TensorBoard: ``utils.tensorboard_dir``, scalars under ``train/`` and ``eval/`` / ``test/``, and
-  the resolved config as text;
+  the resolved config and the run metadata (``ironcore.observe.run_info``) as text;
 * MLflow: ``utils.mlflow_tracking_uri`` (an HTTP server, ``file:`` or ``sqlite:`` store), the
   experiment ``utils.mlflow_experiment_name`` (default ``trainer.model_name``); params = the resolved
-  config flattened to ``group.key``, metrics per logged step. An HTTP server that does not answer
+  config flattened to ``group.key``, tags ``run.*`` = the run metadata (and MLflow's own
+  ``mlflow.source.git.commit``), metrics per logged step. An HTTP server that does not answer
   stops the run at once with one line; a run that fails is marked FAILED; a resumed run continues
   the MLflow run whose id ``model_path/mlflow_run.json`` keeps.
 """
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -39,6 +40,7 @@ class LoggerError(RuntimeError):
 
 _MLFLOW_PARAMS_PER_CALL = 100  # MLflow's batch limit
 _MLFLOW_PARAM_CHARS = 6000  # MLflow's value length limit
+_MLFLOW_TAG_CHARS = 5000  # MLflow's tag value length limit
 _MLFLOW_RUN_FILE = "mlflow_run.json"  # in model_path: the run a resumed run continues
 
 
@@ -52,6 +54,11 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _without_provenance(run_info: dict) -> dict:
+    """The run metadata less the per-key provenance (the config itself is logged separately)."""
+    return {k: v for k, v in run_info.items() if k != "provenance"}
 
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -109,8 +116,10 @@ def format_step_line(step: int, train_steps: int, m: dict) -> str:
 class TrainingLogger:
     """Console + ``metrics.jsonl`` + TensorBoard + MLflow sinks for one run (active on rank 0)."""
 
-    def __init__(self, cfg, rank: int, resolved_config: dict, resumed: bool = False):
-        """``resumed``: the run continues from a checkpoint, so it continues its MLflow run too."""
+    def __init__(self, cfg, rank: int, resolved_config: dict, resumed: bool = False,
+                 run_info: Optional[dict] = None):
+        """``resumed``: the run continues from a checkpoint, so it continues its MLflow run too.
+        ``run_info``: where the run came from, logged once to TensorBoard and MLflow."""
         self.active = rank == 0
         self.train_steps = cfg.operation.train_steps
         self._jsonl = None
@@ -129,9 +138,14 @@ class TrainingLogger:
                 raise LoggerError(f"utils.tensorboard_dir {cfg.utils.tensorboard_dir} cannot be written: "
                                   f"{e.strerror or e} ({e.filename or cfg.utils.tensorboard_dir})") from None
             self._tb.add_text("config", "```\n" + yaml.safe_dump(resolved_config, sort_keys=False) + "```", 0)
+            if run_info is not None:
+                self._tb.add_text("run_info", "```\n" + json.dumps(_without_provenance(run_info), indent=1)
+                                  + "\n```", 0)
             logger.info("TensorBoard: %s", cfg.utils.tensorboard_dir)
         if cfg.utils.mlflow_tracking_uri:
             self._mlflow = self._start_mlflow(cfg, resolved_config, resumed)
+            if run_info is not None:
+                self._tag_mlflow(cfg.utils.mlflow_tracking_uri, run_info)
 
     @staticmethod
     def _start_mlflow(cfg, resolved_config: dict, resumed: bool):
@@ -174,6 +188,18 @@ class TrainingLogger:
             record.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}) + "\n")
         logger.info("MLflow: run %s at %s", run.info.run_id, uri)
         return mlflow
+
+    def _tag_mlflow(self, uri: str, run_info: dict) -> None:
+        """The run metadata as MLflow tags (which, unlike params, a resumed run may update)."""
+        tags = {f"run.{k}": v if isinstance(v, str) else json.dumps(v)
+                for k, v in flatten(_without_provenance(run_info)).items()}
+        if run_info.get("git_commit"):
+            tags["mlflow.source.git.commit"] = run_info["git_commit"]
+        try:
+            self._mlflow.set_tags({k: v[:_MLFLOW_TAG_CHARS] for k, v in tags.items()})
+        except Exception as e:  # noqa: BLE001 - MLflow's errors (server, store): one line
+            raise LoggerError(f"utils.mlflow_tracking_uri {uri}: MLflow failed ({' '.join(str(e).split())[:300]})") \
+                from None
 
     def _write(self, record: dict, prefix: str) -> None:
         step = record["step"]

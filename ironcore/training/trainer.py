@@ -51,6 +51,7 @@ from ironcore.checkpoint.io import claim_model_path, set_rng_state
 from ironcore.config import Config, ConfigError, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
+from ironcore.observe.run_info import collect_run_info
 from ironcore.observe.profiling import Profiler, nvtx_range
 from ironcore.model import batch_inputs
 from ironcore.training.tied_embedding import sync_tied_embedding_grads
@@ -78,8 +79,9 @@ class StepResult:
     seconds: float
 
 
-def train(cfg: Config) -> dict:
-    """Train as ``cfg`` says; returns the run's summary (also logged on rank 0).
+def train(cfg: Config, provenance: Optional[dict[str, str]] = None) -> dict:
+    """Train as ``cfg`` says; returns the run's summary (also logged on rank 0). ``provenance``
+    (each key's source, from the config loader) is recorded in the run metadata of checkpoints.
 
     Raises ``NonFiniteLossError`` when the loss becomes NaN/inf. A SIGTERM/SIGINT ends the run
     normally after saving a checkpoint.
@@ -90,7 +92,7 @@ def train(cfg: Config) -> dict:
     lock = None
     try:
         lock = claim_model_path(cfg, pstate)  # one run per model_path; leftovers of crashed saves tidied
-        return Trainer(cfg, pstate).run()
+        return Trainer(cfg, pstate, provenance).run()
     finally:
         if lock is not None:
             lock.release()
@@ -141,7 +143,7 @@ class _StopSignal:
 class Trainer:
     """Builds everything a run needs from ``cfg`` on this rank, then ``run()`` trains."""
 
-    def __init__(self, cfg: Config, pstate: ParallelState):
+    def __init__(self, cfg: Config, pstate: ParallelState, provenance: Optional[dict[str, str]] = None):
         from ironcore.data import build_datasets, build_loader, build_tokenizer
 
         self.cfg, self.pstate = cfg, pstate
@@ -167,7 +169,9 @@ class Trainer:
         flops = metrics.model_flops_per_token(cfg.model, self.chunks[0].padded_vocab_size, cfg.model.max_seq_len)
         peak = metrics.device_peak_flops(pstate.device, compute_dtype(cfg.model.precision))
         self.throughput = metrics.Throughput(flops, peak, pstate.world_size)
-        self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg), resumed=resumed is not None)
+        self.run_info = collect_run_info(pstate, provenance)
+        self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg), resumed=resumed is not None,
+                                  run_info=self.run_info)
         self.profiler = Profiler(cfg.utils, pstate.rank, cfg.trainer.model_path)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.last_saved: Optional[int] = self.step if resumed else None
@@ -329,7 +333,7 @@ class Trainer:
             return None
         with nvtx_range("checkpoint"):
             path = save_checkpoint(cfg, self.pstate, self.step, self.model, self.optimizer, self.scheduler,
-                                   self.scaler, self.loader.state_dict())
+                                   self.scaler, self.loader.state_dict(), self.run_info)
         self.last_saved, self.last_checkpoint = self.step, str(path)
         norms = {}
         if cfg.trainer.grad_norm_log_interval == "checkpoint" and self.last_grad_norm is not None:
