@@ -69,6 +69,17 @@ class TrainerConfig:
         None, "Initial weights when model_path holds no checkpoint yet: an IronCore checkpoint (a model_path or one "
         "iter_* folder, any TP/PP layout) or a Hugging Face folder; the run starts at step 0 with a fresh optimizer, "
         "schedule and data position (once model_path has a checkpoint, resuming from it wins)", added=True)
+    # DPO (data.task_type: dpo): the names of TRL's DPOConfig, prefixed.
+    dpo_beta: float = _f(0.1, "DPO: β, how far the policy may move from the reference (the implicit reward's "
+                         "scale)", added=True, exclusive_minimum=0)
+    dpo_loss_type: str = _f("sigmoid", "DPO loss: `sigmoid` (the paper's), `ipo` or `hinge`", added=True,
+                            choices=["sigmoid", "ipo", "hinge"])
+    dpo_label_smoothing: float = _f(0.0, "DPO (sigmoid loss): the assumed fraction of pairs whose preference "
+                                    "is flipped (conservative DPO)", added=True, minimum=0, exclusive_maximum=0.5)
+    dpo_reference_checkpoint: Optional[str] = _f(
+        None, "DPO: the frozen reference model's weights (an IronCore or Hugging Face checkpoint, any TP/PP "
+        "layout); `None`: the policy's initial weights (trainer.pretrained_checkpoint when set, else the "
+        "initialization)", added=True)
 
 
 @dataclass

@@ -373,6 +373,22 @@ def _fsdp_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
                       f"{origin(prov['model.precision'])}) so the loss is scaled against fp16 underflow")
 
 
+def _dpo_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
+    """The ``trainer.dpo_*`` keys act only on a DPO run, and label smoothing only on the sigmoid loss."""
+    t, defaults = cfg.trainer, type(cfg.trainer)()
+    task = f"data.task_type = {describe(cfg.data.task_type)} ({origin(prov['data.task_type'])})"
+    if cfg.data.task_type != "dpo":
+        for name in ("dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "dpo_reference_checkpoint"):
+            if getattr(t, name) != getattr(defaults, name):
+                errors.append(f"trainer.{name} = {describe(getattr(t, name))} ({origin(prov[f'trainer.{name}'])}): "
+                              f"only a DPO run uses it, and {task}; set data.task_type: dpo or remove the key")
+    elif t.dpo_label_smoothing > 0 and t.dpo_loss_type != "sigmoid":
+        errors.append(f"trainer.dpo_label_smoothing = {t.dpo_label_smoothing} "
+                      f"({origin(prov['trainer.dpo_label_smoothing'])}): only the sigmoid loss is smoothed, and "
+                      f"trainer.dpo_loss_type = {t.dpo_loss_type} ({origin(prov['trainer.dpo_loss_type'])}); "
+                      "allowed with it: 0")
+
+
 def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
     """Apply the cross-field rules and fill in derived values (see the module docstring)."""
     _launcher_env(cfg, prov, errors)
@@ -411,6 +427,7 @@ def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[s
         _pipeline_layout(cfg, prov, bad, errors)
     if p.use_fsdp:
         _fsdp_rules(cfg, prov, errors)
+    _dpo_rules(cfg, prov, errors)
     if m.head_dim is None and "model.head_dim" not in bad:
         if _divides(errors, bad, prov, "model.d_model", m.d_model, m.num_attention_heads,
                     "model.num_attention_heads", " to derive model.head_dim (or set head_dim)"):

@@ -1,0 +1,139 @@
+"""The objectives: DPO's loss, rewards and gradients against the formulas computed by hand, the
+response-only sequence log-probs, the language-modeling loss, and the trainer.dpo_* config rules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ironcore import cli
+from ironcore.config.schema import Config
+from ironcore.data import build_datasets, build_loader, build_tokenizer, preprocess
+from ironcore.model import build_model
+from ironcore.parallel.state import ParallelState
+from ironcore.training.objectives import DPO, LanguageModeling, build_objective, dpo_loss, reward_metrics
+from tests.train_helpers import write_config
+
+# Hand-made sequence log-probs of three pairs (policy and reference, chosen and rejected).
+PC, PR = [-5.0, -7.5, -3.0], [-6.0, -6.5, -9.0]
+RC, RR = [-5.5, -6.8, -4.0], [-5.8, -6.0, -8.0]
+BETA = 0.3
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def _logits() -> list[float]:
+    return [(pc - pr) - (rc - rr) for pc, pr, rc, rr in zip(PC, PR, RC, RR)]
+
+
+# Per pair: (loss, d loss / d policy_chosen) of each loss type, from the paper's formulas by hand.
+def _by_hand(loss_type: str, ls: float) -> list[tuple[float, float]]:
+    rows = []
+    for h in _logits():
+        if loss_type == "sigmoid":
+            rows.append((-(1 - ls) * _log_sigmoid(BETA * h) - ls * _log_sigmoid(-BETA * h),
+                         -(1 - ls) * BETA * _sigmoid(-BETA * h) + ls * BETA * _sigmoid(BETA * h)))
+        elif loss_type == "ipo":
+            rows.append(((h - 1 / (2 * BETA)) ** 2, 2 * (h - 1 / (2 * BETA))))
+        else:
+            rows.append((max(0.0, 1 - BETA * h), -BETA if 1 - BETA * h > 0 else 0.0))
+    return rows
+
+
+@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])
+def test_dpo_loss_rewards_and_gradients_equal_the_formulas(loss_type, ls):
+    pc, pr = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (PC, PR))
+    rc, rr = (torch.tensor(v, dtype=torch.float64) for v in (RC, RR))
+    out = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=loss_type, label_smoothing=ls)
+    out.losses.sum().backward()
+    expected = _by_hand(loss_type, ls)
+    assert out.losses.tolist() == pytest.approx([loss for loss, _ in expected], abs=1e-12)
+    assert pc.grad.tolist() == pytest.approx([g for _, g in expected], abs=1e-12)
+    assert pr.grad.tolist() == pytest.approx([-g for _, g in expected], abs=1e-12)  # logits use -rejected
+    assert out.chosen_rewards.tolist() == pytest.approx([BETA * (a - b) for a, b in zip(PC, RC)], abs=1e-12)
+    assert out.rejected_rewards.tolist() == pytest.approx([BETA * (a - b) for a, b in zip(PR, RR)], abs=1e-12)
+
+
+def test_reward_metrics_use_trls_names_and_count_the_pairs():
+    out = dpo_loss(*(torch.tensor(v, dtype=torch.float64) for v in (PC, PR, RC, RR)), beta=BETA)
+    metrics = reward_metrics(out)
+    chosen = [BETA * (a - b) for a, b in zip(PC, RC)]
+    rejected = [BETA * (a - b) for a, b in zip(PR, RR)]
+    assert metrics["rewards/chosen"].item() == pytest.approx(sum(chosen) / 3, abs=1e-12)
+    assert metrics["rewards/rejected"].item() == pytest.approx(sum(rejected) / 3, abs=1e-12)
+    assert metrics["rewards/margins"].item() == pytest.approx((sum(chosen) - sum(rejected)) / 3, abs=1e-12)
+    assert metrics["rewards/accuracy"].item() == pytest.approx(2 / 3)  # pair 1: reward -0.21 (chosen) < -0.15 (rejected)
+
+
+def test_sequence_logps_count_response_tokens_only():
+    batch = {f"{n}_{k}": v for n in ("chosen", "rejected") for k, v in (
+        ("input_ids", torch.zeros(2, 4, dtype=torch.long)), ("labels", torch.zeros(2, 4, dtype=torch.long)),
+        ("loss_mask", torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]])))}
+    per_token = torch.tensor([[9.0, 1.0, 2.0, 9.0], [9.0, 9.0, 3.0, 4.0],  # chosen rows: -log p
+                              [9.0, 0.5, 0.5, 9.0], [9.0, 9.0, 1.0, 1.0]])  # rejected rows
+    assert DPO().sequence_logps(per_token, batch).tolist() == [-3.0, -7.0, -1.0, -2.0]
+    mb = DPO().model_batch(batch)
+    assert set(mb) == {"input_ids", "labels", "loss_mask"} and mb["loss_mask"].shape == (4, 4)
+    loss, metrics = DPO(beta=1.0).loss(per_token, {**batch, "reference_chosen_logps": torch.tensor([-3.0, -7.0]),
+                                                   "reference_rejected_logps": torch.tensor([-1.0, -2.0])})
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and metrics["rewards/margins"].item() == 0.0
+
+
+def test_language_modeling_is_the_masked_token_mean():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    loss, metrics = LanguageModeling().loss(per_token, {"loss_mask": torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])})
+    assert loss.item() == pytest.approx((1 + 2 + 6) / 3) and metrics == {}
+
+
+def test_a_policy_equal_to_its_reference_costs_ln2_with_zero_rewards(tmp_path):
+    rows = [{"prompt": f"Q{i}: what follows?", "chosen": f" line {i} is true", "rejected": f" not {i}"} for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preprocess.main(["--task", "dpo", "--input", str(tmp_path / "p.jsonl"), "--output-prefix", str(tmp_path / "p"),
+                     "--no-progress"])
+    cfg = Config()
+    cfg.model.d_model, cfg.model.d_ffn, cfg.model.num_layers, cfg.model.num_attention_heads = 32, 64, 2, 4
+    cfg.model.max_seq_len, cfg.model.precision = 32, "float32"
+    cfg.model.dropout_embd = cfg.model.dropout_attn = cfg.model.dropout_mlp = 0.0
+    cfg.data.task_type, cfg.data.splits = "dpo", [1.0, 0.0, 0.0]
+    cfg.data.train_datasets = [{"path": str(tmp_path / "p"), "weight": 1.0}]
+    tokenizer = build_tokenizer(cfg.model)
+    batch = next(build_loader(build_datasets(cfg, tokenizer)["train"], 4, 0, 1, seed=0, shuffle=False))
+    objective = build_objective(cfg)
+    policy = build_model(cfg, ParallelState(), tokenizer.vocab_size)
+    reference = build_model(cfg, ParallelState(), tokenizer.vocab_size).requires_grad_(False).eval()
+
+    def per_token(model):
+        mb = objective.model_batch(batch)
+        return model(mb["input_ids"], labels=mb["labels"])
+
+    with torch.no_grad():
+        ref = objective.sequence_logps(per_token(reference), batch)
+    pairs = {"reference_chosen_logps": ref[:4], "reference_rejected_logps": ref[4:]}
+    loss, metrics = objective.loss(per_token(policy), {**batch, **pairs})
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    assert all(metrics[k].item() == 0.0 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"))
+    loss.backward()  # the policy learns from the pairs: its gradient is not zero
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+
+
+def test_dpo_keys_are_refused_outside_a_dpo_run_and_smoothing_outside_sigmoid(tmp_path, capsys):
+    path = write_config(tmp_path)
+    assert cli.main(["config", str(path), "trainer.dpo_beta=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.dpo_beta = 0.5 (set by a command-line override): only a DPO run uses it" in err and "data.task_type" in err
+    dpo = ["data.task_type=dpo", "trainer.dpo_loss_type=ipo", "trainer.dpo_label_smoothing=0.1"]
+    assert cli.main(["config", str(path), *dpo]) == 2
+    assert "trainer.dpo_label_smoothing = 0.1 (set by a command-line override): only the sigmoid loss is smoothed" in capsys.readouterr().err
+    assert cli.main(["config", str(path), "data.task_type=dpo", "trainer.dpo_beta=0"]) == 2
+    assert "trainer.dpo_beta" in capsys.readouterr().err
+    assert cli.main(["config", str(path), "data.task_type=dpo", "trainer.dpo_loss_type=robust"]) == 2
+    assert "must be one of 'sigmoid', 'ipo', 'hinge'" in capsys.readouterr().err
