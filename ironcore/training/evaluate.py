@@ -19,6 +19,7 @@ from torch import nn
 from ironcore.config import Config
 from ironcore.model import batch_inputs
 from ironcore.parallel import pipeline
+from ironcore.training.objectives import LanguageModeling
 from ironcore.training.precision import autocast
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,7 @@ logger = logging.getLogger(__name__)
 def masked_loss_sums(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token loss × loss_mask, sum of loss_mask) of one micro-batch."""
     per_token = model(**batch_inputs(batch, device))
-    mask = batch["loss_mask"].to(device)
-    return (per_token.float() * mask).sum(), mask.sum()
+    return LanguageModeling().loss_sums(per_token, batch)
 
 
 @torch.no_grad()
@@ -52,8 +52,7 @@ def evaluate(model: nn.Module, dataset, num_samples: int, micro_batch_size: int,
             return chunk(**batch_inputs(batch, pstate.device), hidden_states=hidden_states)
 
     def loss_sums(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
-        mask = batch["loss_mask"].to(pstate.device)
-        return torch.stack([(per_token.float() * mask).sum().double(), mask.sum().double()])
+        return torch.stack([part.double() for part in LanguageModeling().loss_sums(per_token, batch)])
 
     was_training = model.training
     model.eval()

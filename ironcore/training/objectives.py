@@ -53,10 +53,15 @@ class LanguageModeling:
     def model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch
 
+    def loss_sums(self, per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ per-token loss × loss_mask, Σ loss_mask): evaluation adds these over batches and ranks."""
+        mask = batch["loss_mask"].to(per_token.device)
+        return (per_token.float() * mask).sum(), mask.sum()
+
     def loss(self, per_token: torch.Tensor, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = batch["loss_mask"].to(per_token.device)
-        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1), {}
+        total, count = self.loss_sums(per_token, batch)
+        return total / count.clamp(min=1), {}
 
 
 class DPOOutput(NamedTuple):

@@ -61,6 +61,7 @@ from ironcore.parallel.state import ParallelState, destroy_distributed, init_dis
 from ironcore.training.build import build_run
 from ironcore.training.evaluate import evaluate
 from ironcore.training.precision import autocast, compute_dtype
+from ironcore.training.objectives import build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class Trainer:
         if cfg.data.task_type == "dpo":
             raise ConfigError(["data.task_type = 'dpo': the trainer has no preference (DPO) loss yet; "
                                "allowed for training: pretrain, sft (DPO data can be prepared and loaded)"])
+        self.objective = build_objective(cfg)
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
         tokenizer = build_tokenizer(cfg.model)
@@ -188,8 +190,7 @@ class Trainer:
             return model(**batch_inputs(batch, self.pstate.device), hidden_states=hidden_states)
 
     def _masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
-        mask = batch["loss_mask"].to(self.pstate.device)
-        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1)
+        return self.objective.loss(per_token, batch)[0]
 
     def forward_backward(self) -> tuple[torch.Tensor, int]:
         """Forward and backward over the step's micro-batches; returns (the step's mean loss, the
