@@ -128,6 +128,12 @@ CASES = [
      ["model.positional_embedding = 'rope' (set at {cfg}:2): must be a mapping with keys type, base"]),
     ("duplicate-key", "trainer:\n  micro_batch_size: 2\n  micro_batch_size: 4\n", [], {}, {},
      ["trainer.micro_batch_size ({cfg}:3): key written twice in the same mapping"]),
+    ("world-size-not-the-launchers", "", ["parallel.world_size=2", "trainer.train_batch_size=4"], {}, {},
+     ["parallel.world_size = 2 (set by a command-line override) disagrees with the launcher: a single process "
+      "(no WORLD_SIZE or SLURM_NTASKS in the environment); the world size is the launcher's: remove the key, "
+      "set it to 1"]),
+    ("world-size-not-torchruns", "parallel:\n  world_size: 8\n", [], {}, {"WORLD_SIZE": "4"},
+     ["parallel.world_size = 8 (set at {cfg}:2) disagrees with the launcher: WORLD_SIZE=4 in the environment"]),
     ("bad-world-size-env", "", [], {}, {"WORLD_SIZE": "two"},
      ["parallel.world_size: environment variable WORLD_SIZE='two' is not a valid positive integer"]),
     ("missing-config-file", None, [], {}, {}, ["{cfg}: config file not found"]),

@@ -287,6 +287,27 @@ def test_world_size_from_slurm_when_no_torchrun(tmp_path, monkeypatch):
     assert (cfg.parallel.world_size, cfg.parallel.rank, cfg.trainer.gradient_accumulation_steps) == (4, 3, 2)
 
 
+def test_world_size_is_the_launchers_one_value_for_validation_and_run(tmp_path, monkeypatch):
+    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    from ironcore.config.launcher import launch_env
+    run = write(tmp_path / "run.yaml", "trainer: {micro_batch_size: 2, train_batch_size: 8}\n")
+    with pytest.raises(ConfigError, match=r"parallel.world_size = 2 \(set by a command-line override\) "
+                                          r"disagrees with the launcher: a single process"):
+        load_config(run, ["parallel.world_size=2"])
+    cfg = load_config(run, ["parallel.world_size=1"])  # a matching value is fine
+    assert (cfg.parallel.world_size, cfg.trainer.gradient_accumulation_steps) == (launch_env()[1], 4) == (1, 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(run, ["parallel.world_size=2"])
+    assert (cfg.parallel.world_size, cfg.trainer.gradient_accumulation_steps) == (launch_env()[1], 2) == (2, 2)
+    # The saved config.yaml states the world size that trained, and loads back under the same launcher.
+    saved = write(tmp_path / "config.yaml", to_yaml(cfg))
+    assert load_config(saved).parallel.world_size == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="disagrees with the launcher"):
+        load_config(saved)
+
+
 def test_head_dim_and_vocab_size_derivation(tmp_path):
     cfg = load_config(write(tmp_path / "a.yaml", "model: {d_model: 96, num_attention_heads: 4}\n"))
     assert (cfg.model.head_dim, cfg.data.vocab_size) == (24, 50257)

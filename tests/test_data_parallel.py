@@ -239,7 +239,8 @@ def test_wrap_without_data_parallelism_returns_the_model_unchanged():
     ({"operation.save_dist_ckpt": True}, "operation.save_dist_ckpt = true"),
     ({"parallel.fsdp_mixed_precision": "fp16"}, "model.precision"),
 ])
-def test_unsupported_fsdp_combinations_are_rejected_naming_the_keys(overrides, message):
+def test_unsupported_fsdp_combinations_are_rejected_naming_the_keys(overrides, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = Config()
     cfg.parallel.use_fsdp, cfg.parallel.world_size = True, 4
     for key, value in overrides.items():

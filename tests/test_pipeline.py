@@ -290,10 +290,11 @@ def test_stage_partitioning():
         pipeline.check_schedule("zero-bubble", 2, 1, 4)
 
 
-def test_config_keys_are_validated():
+def test_config_keys_are_validated(monkeypatch):
     from ironcore.config import ConfigError, load_config
 
-    base = ["parallel.world_size=2", "trainer.pipeline_model_parallel_size=2", "model.num_layers=4"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = ["trainer.pipeline_model_parallel_size=2", "model.num_layers=4"]
     cfg = load_config(EXAMPLE, base + ["parallel.pipeline_layer_split=[1,3]"])
     assert cfg.parallel.pipeline_layer_split == [1, 3] and cfg.parallel.pipeline_schedule == "1f1b"
     cases = {

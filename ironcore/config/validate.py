@@ -19,6 +19,7 @@ from dataclasses import Field, asdict, fields, is_dataclass
 from typing import Any, Optional, Union
 
 from ironcore.config.errors import ConfigError
+from ironcore.config.launcher import launcher_vars
 from ironcore.config.schema import GROUPS, Config
 
 GPT2_VOCAB_SIZE = 50257
@@ -260,19 +261,30 @@ def build_config(merged: dict, prov: dict[str, str], bad: set[str], errors: list
 # ---------------------------------------------------------------------------------------------
 
 def _launcher_env(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
-    """Under torchrun or SLURM the launcher's environment decides rank, local rank and world size."""
-    for key, names in (("world_size", ("WORLD_SIZE", "SLURM_NTASKS")), ("rank", ("RANK", "SLURM_PROCID")),
-                       ("local_rank", ("LOCAL_RANK", "SLURM_LOCALID"))):
-        name = next((n for n in names if os.environ.get(n)), None)
-        if name is None:
-            continue
-        raw = os.environ[name]
+    """Rank, local rank and world size are the launcher's (torchrun, SLURM, else one process). A
+    ``parallel.world_size`` that a file, an override or code sets must agree with it: validation and
+    the run then use one world size, and the saved config.yaml states the one that trained."""
+    found = launcher_vars()
+    for key, (name, raw) in found.items():
         if not raw.strip().isdigit() or (key == "world_size" and int(raw) < 1):
             errors.append(f"parallel.{key}: environment variable {name}={raw!r} is not a valid "
                           f"{'positive ' if key == 'world_size' else ''}integer")
-            continue
-        setattr(cfg.parallel, key, int(raw))
-        prov[f"parallel.{key}"] = f"derived ({name} environment variable)"
+            return
+    key, source = "parallel.world_size", prov["parallel.world_size"]
+    name, launched = found.get("world_size", (None, "1"))
+    launched = int(launched)
+    # A code-built Config carries the schema default 1 whether or not its author meant it.
+    explicit = source != "default" and not (source == "code" and cfg.parallel.world_size == 1)
+    if explicit and cfg.parallel.world_size != launched:
+        launcher = f"{name}={launched} in the environment" if name else \
+            "a single process (no WORLD_SIZE or SLURM_NTASKS in the environment)"
+        errors.append(f"{key} = {cfg.parallel.world_size} ({origin(source)}) disagrees with the launcher: "
+                      f"{launcher}; the world size is the launcher's: remove the key, set it to {launched}, "
+                      f"or start {cfg.parallel.world_size} processes (torchrun --nproc_per_node, srun)")
+        cfg.parallel.world_size = launched  # the other rules then speak of the world that would run
+    for field, (name, raw) in found.items():
+        setattr(cfg.parallel, field, int(raw))
+        prov[f"parallel.{field}"] = f"derived ({name} environment variable)"
 
 
 def _batch_arithmetic(cfg: Config, dp: int, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:

@@ -28,6 +28,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ironcore.parallel.mesh import DIMS, MeshShape, build_device_mesh, group_of, mesh_shape
 
+from ironcore.config.launcher import launch_env
+
 logger = logging.getLogger(__name__)
 
 ProcessGroup = Optional[dist.ProcessGroup]
@@ -84,16 +86,11 @@ def _first_slurm_host(nodelist: str) -> str:
 
 
 def _launch_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's env, else SLURM's, else a single process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                int(os.environ.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    """(rank, world_size, local_rank) from the launcher (config/launcher.py, shared with validation)."""
+    if "SLURM_NTASKS" in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_NODELIST", "127.0.0.1")))
         os.environ.setdefault("MASTER_PORT", "29500")
-        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
-                int(os.environ.get("SLURM_LOCALID", 0)))
-    return 0, 1, 0
+    return launch_env()
 
 
 def _pick_backend(requested: str, local_rank: int) -> tuple[str, torch.device]:
