@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 from ironcore.config import Config, ConfigError, load_config_with_provenance, to_yaml
+from ironcore.config.validate import inert_settings
 
 USAGE_ERROR = 2
 _RUN_COMMANDS = {
@@ -92,6 +93,9 @@ def _load(command: str, argv: Sequence[str]) -> tuple[Config, dict[str, str], st
     if path is None:
         raise UsageError(f"ironcore {command}: a CONFIG file is required (ironcore {command} CONFIG [overrides])")
     cfg, provenance = load_config_with_provenance(path, args)
+    if _is_main_rank():  # once per run, not once per rank
+        for warning in inert_settings(cfg, provenance):
+            print(f"ironcore {command}: warning: {warning}", file=sys.stderr)
     return cfg, provenance, path
 
 

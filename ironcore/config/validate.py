@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 from ironcore.config.errors import ConfigError
 from ironcore.config.launcher import launcher_vars
-from ironcore.config.schema import GROUPS, Config
+from ironcore.config.schema import GROUPS, Config, OptimConfig, ParallelConfig
 
 GPT2_VOCAB_SIZE = 50257
 # Values quoted in messages are cut short (lazily: an alias-expanded list is never printed whole).
@@ -401,6 +401,77 @@ def _dpo_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
                       "allowed with it: 0")
 
 
+WSD_DEFAULT_DECAY_FRACTION = 0.2  # wsd decays over the last 20% of training unless annealing_steps says
+
+
+def schedule_problem(optim: OptimConfig, train_steps: int) -> Optional[str]:
+    """Why the lr schedule cannot be built over ``train_steps`` steps, or None (the scheduler asks
+    this too, so ``ironcore config`` refuses exactly what training would)."""
+    name, warmup = optim.lr_scheduler, optim.warmup_steps
+    if name in ("cosine", "linear"):
+        horizon = optim.annealing_steps or train_steps
+        if horizon <= warmup:
+            return (f"optim.warmup_steps = {warmup} must be smaller than the decay horizon of the {name} schedule "
+                    f"({horizon}: optim.annealing_steps, or operation.train_steps when that is 0); lower "
+                    f"warmup_steps or raise operation.train_steps / optim.annealing_steps")
+    if name == "wsd":
+        decay = optim.annealing_steps or max(1, round(WSD_DEFAULT_DECAY_FRACTION * train_steps))
+        if train_steps - decay < warmup:
+            return (f"optim.warmup_steps = {warmup} + wsd decay steps {decay} (optim.annealing_steps, or 20% of "
+                    f"operation.train_steps when 0) exceed operation.train_steps = {train_steps}")
+    return None
+
+
+def _run_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
+    """Rules the trainer would otherwise only find at start, after the process groups exist."""
+    t, m, p = cfg.trainer, cfg.model, cfg.parallel
+    tp = t.tensor_model_parallel_size
+    if not {"optim.warmup_steps", "optim.annealing_steps", "operation.train_steps", "optim.lr_scheduler"} & bad:
+        problem = schedule_problem(cfg.optim, cfg.operation.train_steps)
+        if problem:
+            errors.append(problem)
+    if cfg.data.task_type == "dpo":
+        errors.append(f"data.task_type = dpo ({origin(prov['data.task_type'])}): the trainer has no preference (DPO) "
+                      f"loss yet; allowed for training: pretrain, sft (DPO data can be prepared and loaded)")
+    if "trainer.tensor_model_parallel_size" not in bad:
+        _divides(errors, bad, prov, "model.d_ffn", m.d_ffn, tp, "trainer.tensor_model_parallel_size")
+        if p.sequence_parallel and tp > 1:
+            _divides(errors, bad, prov, "model.max_seq_len", m.max_seq_len, tp, "trainer.tensor_model_parallel_size",
+                     " (parallel.sequence_parallel splits the sequence over the tensor-parallel ranks)")
+    head_dim = m.head_dim
+    if m.positional_embedding.type == "rope" and isinstance(head_dim, int) and head_dim % 2:
+        errors.append(f"model.head_dim = {head_dim} ({origin(prov['model.head_dim'])}): RoPE rotates pairs of "
+                      f"channels and needs an even head_dim (model.positional_embedding.type = rope)")
+
+
+def _why_inert(cfg: Config) -> dict[str, str]:
+    """``{key: why}`` for settings that the current layout leaves without effect."""
+    t, p = cfg.trainer, cfg.parallel
+    defaults = ParallelConfig()
+    inert = {}
+    if p.sequence_parallel and t.tensor_model_parallel_size == 1:
+        inert["parallel.sequence_parallel"] = ("trainer.tensor_model_parallel_size is 1 and sequence parallelism "
+                                               "splits activations over the tensor-parallel ranks")
+    if p.pipeline_schedule != defaults.pipeline_schedule and t.pipeline_model_parallel_size == 1:
+        inert["parallel.pipeline_schedule"] = "trainer.pipeline_model_parallel_size is 1: there is no pipeline"
+    if not p.use_fsdp:
+        for name in ("fsdp_offload_params", "fsdp_mixed_precision", "fsdp_sharding_strategy", "fsdp_state_dict_type"):
+            if getattr(p, name) != getattr(defaults, name):
+                inert[f"parallel.{name}"] = "parallel.use_fsdp is false (DDP does not read it)"
+    return inert
+
+
+def inert_settings(cfg: Config, prov: dict[str, str]) -> list[str]:
+    """Warnings, one per setting that is accepted but cannot act in this layout (printed once at start)."""
+    return [f"{key} = {describe(_get(cfg, key))} ({origin(prov.get(key, 'default'))}) has no effect: {why}"
+            for key, why in _why_inert(cfg).items()]
+
+
+def _get(cfg: Config, key: str) -> Any:
+    group, name = key.split(".")
+    return getattr(getattr(cfg, group), name)
+
+
 def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
     """Apply the cross-field rules and fill in derived values (see the module docstring)."""
     _launcher_env(cfg, prov, errors)
@@ -462,6 +533,7 @@ def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[s
     if o.min_lr > o.max_lr and not {"optim.min_lr", "optim.max_lr"} & bad:
         errors.append(f"optim.min_lr = {o.min_lr} ({origin(prov['optim.min_lr'])}): must be <= "
                       f"optim.max_lr = {o.max_lr} ({origin(prov['optim.max_lr'])})")
+    _run_rules(cfg, prov, bad, errors)
 
 
 def validate_config(cfg: Config) -> Config:

@@ -29,9 +29,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from ironcore.config import ConfigError
 from ironcore.config.schema import OptimConfig
+from ironcore.config.validate import WSD_DEFAULT_DECAY_FRACTION, schedule_problem
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
-WSD_DEFAULT_DECAY_FRACTION = 0.2
 
 
 def lr_schedule(optim: OptimConfig, train_steps: int) -> Callable[[int], float]:
@@ -48,12 +48,11 @@ def lr_schedule(optim: OptimConfig, train_steps: int) -> Callable[[int], float]:
     if name == "constant":
         return lambda s: warmup_lr(s) if s < warmup else max_lr
 
+    problem = schedule_problem(optim, train_steps)
+    if problem:
+        raise ConfigError([problem])
     if name in ("cosine", "linear"):
         horizon = optim.annealing_steps or train_steps
-        if horizon <= warmup:
-            raise ConfigError([
-                f"optim.warmup_steps ({warmup}) must be smaller than the decay horizon of the {name} "
-                f"schedule ({horizon}: optim.annealing_steps, or operation.train_steps when that is 0)"])
 
         def decay(s: int) -> float:
             if s < warmup:
@@ -67,11 +66,6 @@ def lr_schedule(optim: OptimConfig, train_steps: int) -> Callable[[int], float]:
     # wsd
     decay_steps = optim.annealing_steps or max(1, round(WSD_DEFAULT_DECAY_FRACTION * train_steps))
     decay_start = train_steps - decay_steps
-    if decay_start < warmup:
-        raise ConfigError([
-            f"wsd schedule: optim.warmup_steps ({warmup}) + decay steps ({decay_steps}: "
-            f"optim.annealing_steps, or 20% of operation.train_steps when 0) exceed "
-            f"operation.train_steps ({train_steps})"])
 
     def wsd(s: int) -> float:
         if s < warmup:
