@@ -22,6 +22,7 @@ from ironcore.checkpoint.io import complete_checkpoints, read_latest, set_rng_st
 from ironcore.config import Config, to_dict
 from ironcore.parallel.random import get_rng_tracker, set_random_seed
 from ironcore.parallel.state import ParallelState
+from ironcore.training.scheduler import build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ class Run:
         no_decay = [p for p in self.model.parameters() if p.dim() <= 1]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 5))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.operation.train_steps)
         self.consumed = 0
 
     def step(self) -> float:
@@ -79,6 +80,7 @@ class Run:
 def _config(tmp_path: Path, **trainer) -> Config:
     cfg = Config()
     cfg.trainer.model_path = str(tmp_path / "ckpt")
+    cfg.optim.lr_scheduler, cfg.optim.max_lr, cfg.optim.warmup_steps = "constant", 1e-2, 5  # lr 1e-2 × (s + 1) / 5
     for key, value in trainer.items():
         setattr(cfg.trainer, key, value)
     return cfg
@@ -148,14 +150,41 @@ def test_weights_only_load_starts_optimizer_and_schedule_fresh(tmp_path):
     assert fresh.load()["iteration"] == 3
     assert all(torch.equal(a, b) for a, b in zip(run.model.parameters(), fresh.model.parameters()))
     assert fresh.optimizer.state_dict()["state"] == {}
-    assert fresh.scheduler.last_epoch == 0 and fresh.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+    # The config's schedule at the resumed step: warmup does not restart while the step counter goes on.
+    assert fresh.scheduler.last_epoch == 3
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.scheduler.fn(3)) == run.optimizer.param_groups[0]["lr"]
 
     cfg.optim.load_checkpoint_optim_state = True  # optimizer yes, schedule no
     fresh = Run(cfg, seed=5)
     fresh.load()
     assert fresh.optimizer.state_dict()["state"][0]["step"].item() == 3
     assert torch.equal(fresh.optimizer.state_dict()["state"][0]["exp_avg"], run.optimizer.state_dict()["state"][0]["exp_avg"])
-    assert fresh.scheduler.last_epoch == 0
+    assert fresh.scheduler.last_epoch == 3
+
+
+def test_lr_schedule_on_resume_is_the_checkpoints_or_the_configs_at_the_resumed_step(tmp_path, caplog):
+    run = _saved(tmp_path, iterations=(1, 2, 3))  # constant schedule, max_lr 1e-2, warmup 5: lr(3) = 8e-3
+    cfg = run.cfg
+    cfg.optim.max_lr, cfg.optim.warmup_steps = 4e-2, 10  # the schedule changed in the config
+    with caplog.at_level("INFO", logger="ironcore.checkpoint.io"):
+        kept = Run(cfg, seed=5)
+        kept.load()
+    assert kept.scheduler.last_epoch == 3 and kept.optimizer.param_groups[0]["lr"] == pytest.approx(8e-3)
+    kept.step()
+    assert kept.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)  # the checkpoint's warmup goes on
+    assert "differs from the config in optim.max_lr, optim.warmup_steps" in caplog.text
+    assert "the checkpoint's settings and position (step 3)" in caplog.text
+
+    caplog.clear()
+    cfg.optim.load_checkpoint_lr_scheduler = False  # Megatron's --override-opt_param-scheduler
+    with caplog.at_level("INFO", logger="ironcore.checkpoint.io"):
+        override = Run(cfg, seed=5)
+        override.load()
+    assert override.scheduler.last_epoch == 3
+    assert override.optimizer.param_groups[0]["lr"] == pytest.approx(4e-2 * 4 / 10)  # the config's, at step 3
+    override.step()
+    assert override.optimizer.param_groups[0]["lr"] == pytest.approx(4e-2 * 5 / 10)
+    assert "the config's settings at the resumed step 3 (optim.load_checkpoint_lr_scheduler: false)" in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

@@ -619,16 +619,31 @@ def load_checkpoint(cfg, pstate, model, optimizer, scheduler, scaler) -> Optiona
         _load_single(folder, manifest, pstate, model, optimizer if load_optim else None)
 
     with _reading(folder / COMMON_FILE):
-        if scheduler is not None and cfg.optim.load_checkpoint_lr_scheduler and common["scheduler"] is not None:
-            scheduler.load_state_dict(common["scheduler"])
+        if scheduler is not None:
+            _resume_schedule(cfg, scheduler, common["scheduler"], int(common["iteration"]))
         if scaler is not None and common["scaler"] is not None:
             scaler.load_state_dict(common["scaler"])
     rng = _load_rng(folder, pstate, common, manifest)
     _barrier()
-    logger.info("resumed from %s%s%s", folder,
-                "" if load_optim or optimizer is None else " (weights only: fresh optimizer)",
-                "" if cfg.optim.load_checkpoint_lr_scheduler else " (fresh LR schedule)")
+    logger.info("resumed from %s%s", folder, "" if load_optim or optimizer is None else " (weights only: fresh optimizer)")
     return {"iteration": int(common["iteration"]), "data_state": dict(common["data_state"]), "rng_state": rng}
+
+
+def _resume_schedule(cfg, scheduler, saved: Optional[dict], iteration: int) -> None:
+    """The checkpoint's LR schedule (settings and position), or with
+    ``optim.load_checkpoint_lr_scheduler: false`` the config's settings at the resumed step."""
+    if cfg.optim.load_checkpoint_lr_scheduler and saved is not None:
+        scheduler.load_state_dict(saved)
+        changed = scheduler.changed_settings(cfg.optim, cfg.operation.train_steps)
+        if changed:
+            logger.warning("LR schedule: the checkpoint's, which differs from the config in %s; set "
+                           "optim.load_checkpoint_lr_scheduler: false to take the config's at step %d",
+                           ", ".join(changed), iteration)
+        logger.info("LR schedule: the checkpoint's settings and position (step %d)", scheduler.last_epoch)
+        return
+    scheduler.resume_at(iteration)
+    logger.info("LR schedule: the config's settings at the resumed step %d (optim.load_checkpoint_lr_scheduler: "
+                "false)", iteration)
 
 
 def _read_common(path: Path) -> dict:

@@ -166,7 +166,9 @@ class OptimConfig:
     adam_eps: float = _f(1e-8, "Adam epsilon", exclusive_minimum=0)
     clip_grad: float = _f(1.0, "Gradient clipping value", minimum=0)
     load_checkpoint_optim_state: bool = _f(True, "Load optimizer state from checkpoint")
-    load_checkpoint_lr_scheduler: bool = _f(True, "Load LR scheduler from checkpoint")
+    load_checkpoint_lr_scheduler: bool = _f(
+        True, "Resume the checkpoint's LR schedule (settings and position); `false`: the config's schedule at the "
+        "resumed step")
 
 
 @dataclass

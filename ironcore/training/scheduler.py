@@ -78,22 +78,47 @@ def lr_schedule(optim: OptimConfig, train_steps: int) -> Callable[[int], float]:
     return wsd
 
 
-class ClosedFormLR(LRScheduler):
-    """Sets every param group's lr to ``fn(last_epoch)``; ``fn`` is a closed-form schedule."""
+# The config values a schedule is built from; a checkpoint stores them beside the position.
+SETTINGS = ("lr_scheduler", "max_lr", "min_lr", "warmup_steps", "annealing_steps")
 
-    def __init__(self, optimizer: torch.optim.Optimizer, fn: Callable[[int], float], last_epoch: int = -1):
-        self.fn = fn
+
+class ClosedFormLR(LRScheduler):
+    """Sets every param group's lr to the closed-form schedule of ``settings`` at ``last_epoch``.
+
+    ``settings`` (``SETTINGS`` plus ``train_steps``) are state: a checkpoint restores the schedule
+    it was saved with, settings and position (``optim.load_checkpoint_lr_scheduler: true``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim: OptimConfig, train_steps: int, last_epoch: int = -1):
+        self.settings = {**{name: getattr(optim, name) for name in SETTINGS}, "train_steps": train_steps}
+        self.fn = lr_schedule(optim, train_steps)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
         return [self.fn(self.last_epoch)] * len(self.optimizer.param_groups)
 
     def state_dict(self) -> dict:
-        # The schedule function is rebuilt from the config; only the position is state.
+        # The schedule function is rebuilt from the settings; it is not state.
         return {k: v for k, v in super().state_dict().items() if k != "fn"}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        built = dict(self.settings)
+        super().load_state_dict(state_dict)  # position and, from checkpoints that hold them, settings
+        if self.settings != built:
+            settings = dict(self.settings)
+            train_steps = settings.pop("train_steps")
+            self.fn = lr_schedule(OptimConfig(**settings), train_steps)
+        self.apply()
+
+    def changed_settings(self, optim: OptimConfig, train_steps: int) -> list[str]:
+        """The keys whose config value differs from the schedule's (after a resume)."""
+        config = {**{name: getattr(optim, name) for name in SETTINGS}, "train_steps": train_steps}
+        return [f"{'operation' if k == 'train_steps' else 'optim'}.{k}" for k in config if config[k] != self.settings[k]]
+
+    def resume_at(self, step: int) -> None:
+        """Keep the schedule built from the config, at the resumed step (Megatron's
+        ``--override-opt_param-scheduler``), so warmup does not restart while the step counter goes on."""
+        self.last_epoch = step
         self.apply()
 
     def apply(self) -> None:
@@ -107,4 +132,4 @@ class ClosedFormLR(LRScheduler):
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, train_steps: int) -> ClosedFormLR:
     """The configured schedule (``optim.lr_scheduler``) over ``optimizer``; call ``.step()`` after
     every optimizer step."""
-    return ClosedFormLR(optimizer, lr_schedule(optim, train_steps))
+    return ClosedFormLR(optimizer, optim, train_steps)
