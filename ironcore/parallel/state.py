@@ -26,9 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from ironcore.parallel.mesh import DIMS, MeshShape, build_device_mesh, group_of, mesh_shape
-
 from ironcore.config.launcher import launch_env
+from ironcore.parallel.mesh import DIMS, MeshShape, build_device_mesh, group_of, mesh_shape
 
 logger = logging.getLogger(__name__)
 
