@@ -94,3 +94,43 @@ def test_generate_tool(tmp_path, capsys):
 
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "word " * 200]) == 1
     assert "model.max_seq_len is 128" in capsys.readouterr().err
+
+
+
+class _NotTensors:
+    """An object a ``weights_only`` load refuses (stands in for a pickle that runs code)."""
+
+
+def _load_error_worker(ckpt: Path) -> str:
+    from ironcore.checkpoint.errors import CheckpointError
+    cfg = Config()
+    cfg.parallel.dist_backend = "gloo"
+    try:
+        load_checkpoint_model(ckpt, init_distributed(cfg))
+    except CheckpointError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_unsafe_model_file_with_matching_manifest_is_a_one_line_checkpoint_error(tmp_path):
+    """A model file the manifest's checksum vouches for but that holds arbitrary objects is refused by
+    the loader (never unpickled), with a one-line error naming the file rather than a traceback."""
+    import hashlib
+    import json
+
+    import torch
+
+    from ironcore.checkpoint import io as ckpt_io
+    from ironcore.inference.loading import checkpoint_folder
+
+    ckpt = Path(convert_hf_folder(str(_hf_folder(tmp_path / "hf", "tiny-llama", vocab=1000)),
+                                  Config(model=preset("tiny-llama")), str(tmp_path / "ckpt"), tp_size=1))
+    folder = checkpoint_folder(ckpt)
+    name = ckpt_io.model_file(0, 0)
+    torch.save({"weights": _NotTensors()}, folder / name)
+    data = (folder / name).read_bytes()
+    manifest = json.loads((folder / ckpt_io.MANIFEST).read_text())
+    manifest["files"][name] = {**manifest["files"][name], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / ckpt_io.MANIFEST).write_text(json.dumps(manifest))
+    message = run_distributed(_load_error_worker, 1, ckpt)[0]
+    assert str(folder / name) in message and "weights_only=True refused it" in message and "\n" not in message

@@ -26,6 +26,7 @@ import yaml
 
 from ironcore.checkpoint import distributed
 from ironcore.checkpoint import io as ckpt_io
+from ironcore.checkpoint.errors import load_file
 from ironcore.checkpoint.hf import hf_to_ironcore, merge_shards, model_config_from_hf, shard_state_dict
 from ironcore.config.schema import GROUPS, Config
 from ironcore.model.gpt import GPTModel
@@ -104,12 +105,12 @@ def _load_weights(model: GPTModel, cfg: Config, pstate: ParallelState, folder: P
     if (layout["tp_size"], layout["pp_size"]) == (pstate.tp_size, 1):
         name = ckpt_io.model_file(pstate.tp_rank, 0)
         _verify(folder, manifest, [name])
-        model.load_state_dict(torch.load(folder / name, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_file(folder / name))
         return
     tp_size, pp_size = layout["tp_size"], layout["pp_size"]
     names = {(pp, tp): ckpt_io.model_file(tp, pp) for pp in range(pp_size) for tp in range(tp_size)}
     _verify(folder, manifest, sorted(names.values()))
-    shards = {key: torch.load(folder / name, map_location="cpu", weights_only=True) for key, name in names.items()}
+    shards = {key: load_file(folder / name) for key, name in names.items()}
     full = merge_shards(shards, cfg.model, model.vocab_size, tp_size=tp_size, pp_size=pp_size,
                         vocab_padding_unit=padding)
     model.load_state_dict(shard_state_dict(full, cfg.model, model.vocab_size, tp_size=pstate.tp_size,
@@ -124,7 +125,7 @@ def load_checkpoint_model(checkpoint: str | Path, pstate: ParallelState) -> tupl
     manifest = ckpt_io.read_manifest(folder)
     _verify(folder, manifest, [ckpt_io.COMMON_FILE, ckpt_io.CONFIG_FILE])
     cfg = config_from_checkpoint(folder)
-    common = torch.load(folder / ckpt_io.COMMON_FILE, map_location="cpu", weights_only=True)
+    common = load_file(folder / ckpt_io.COMMON_FILE)
     vocab_size = common["model_shape"]["data.vocab_size"]
     if vocab_size is None:
         raise ckpt_io.CheckpointError(f"checkpoint {folder} does not record data.vocab_size")
