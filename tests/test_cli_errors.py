@@ -103,8 +103,9 @@ CASES = [
      ["data.splits = [0.9, 0.2, 0.0] (set at {cfg}:2): must be 3 non-negative numbers"]),
     ("splits-length", "", ["data.splits=[0.5,0.5]"], {}, {},
      ["data.splits = [0.5, 0.5] (set by a command-line override): must be 3 non-negative numbers"]),
-    ("profile-window", "utils:\n  profile_step_start: 20\n  profile_step_end: 10\n", [], {}, {},
-     ["utils.profile_step_end = 10 (set at {cfg}:3): must be >= utils.profile_step_start = 20 (set at {cfg}:2)"]),
+    ("profile-window", "utils:\n  profile_torch: true\n  profile_step_start: 20\n  profile_step_end: 20\n", [], {}, {},
+     ["utils.profile_step_end = 20 (set at {cfg}:4): must be > utils.profile_step_start = 20 (set at {cfg}:3); "
+      "the profiled steps are profile_step_start <= step < profile_step_end"]),
     ("min-lr-above-max", "optim:\n  max_lr: 1.0e-4\n  min_lr: 1.0e-3\n", [], {}, {},
      ["optim.min_lr = 0.001 (set at {cfg}:3): must be <= optim.max_lr = 0.0001 (set at {cfg}:2)"]),
     ("dataset-unknown-key", "data:\n  train_datasets:\n    - paht: x\n", [], {}, {},

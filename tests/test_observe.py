@@ -1,14 +1,11 @@
-"""Loggers write what SPEC §6 promises (metrics.jsonl, TensorBoard, MLflow) and read back; the
-torch profiler window writes a trace on CPU."""
+"""Loggers write what SPEC §6 promises (metrics.jsonl, TensorBoard, MLflow) and read back."""
 
 import json
 
 import pytest
-import torch
 
 from ironcore.config import Config, to_dict
 from ironcore.observe.loggers import TrainingLogger, flatten, format_step_line
-from ironcore.observe.profiling import Profiler
 
 STEP = {"loss": 4.25, "lr": 3e-4, "grad_norm": 1.5, "tokens_per_s": 1234.0, "tflops_per_device": 0.05,
         "mfu": 0.25, "peak_memory_gib": 0.5, "elapsed_s": 62.0, "eta_s": 300.0}
@@ -88,29 +85,3 @@ def test_non_zero_rank_writes_nothing(tmp_path):
     log.log_step(1, STEP)
     log.close()
     assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
-
-
-def test_torch_profiler_window_writes_a_trace_and_can_stop_the_run(tmp_path):
-    cfg = Config()
-    cfg.utils.profile_torch = True
-    cfg.utils.profile_step_start, cfg.utils.profile_step_end = 2, 4
-    cfg.utils.stop_on_profile_end = True
-    prof = Profiler(cfg.utils, rank=0, output_dir=str(tmp_path))
-    stops = []
-    for step in range(6):
-        prof.step_begin(step)
-        torch.randn(32, 32) @ torch.randn(32, 32)
-        stops.append(prof.step_end(step))
-    assert stops == [False, False, False, True, False, False]
-    trace = json.loads((tmp_path / "profile" / "rank0_step2-4.json").read_text())
-    assert any("mm" in e.get("name", "") for e in trace["traceEvents"])
-
-
-def test_profiler_is_inactive_on_other_ranks(tmp_path):
-    cfg = Config()
-    cfg.utils.profile_torch = True
-    prof = Profiler(cfg.utils, rank=3, output_dir=str(tmp_path))
-    for step in range(14):
-        prof.step_begin(step)
-        assert prof.step_end(step) is False
-    assert not (tmp_path / "profile").exists()

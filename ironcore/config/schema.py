@@ -224,13 +224,17 @@ class UtilsConfig:
     mlflow_experiment_name: Optional[str] = _f(None, "MLflow experiment name")
     profile_nsys: bool = _f(False, "Enable Nsight Systems profiling")
     profile_torch: bool = _f(False, "Enable PyTorch profiler")
-    profile_step_start: int = _f(10, "Profile start step", minimum=0)
-    profile_step_end: int = _f(12, "Profile end step", minimum=0)
+    profile_step_start: int = _f(10, "First profiled step (numbered as the console shows them, from 1)",
+                                 minimum=1)
+    profile_step_end: int = _f(12, "Step after the last profiled one: the window is start <= step < end",
+                               minimum=1)
     profile_ranks: list = _f([0], "Ranks to profile")
     deterministic: bool = _f(False, "Enable deterministic mode")
     report_memory_usage: bool = _f(True, "Report memory usage")
     # Added by IronCore (SPEC §1).
-    stop_on_profile_end: bool = _f(False, "Exit the run once the profiling window ends", added=True)
+    stop_on_profile_end: bool = _f(False, "Exit the run right after the last profiled step (profile_step_end - 1)",
+                                   added=True)
+    profile_memory: bool = _f(False, "Record a CUDA memory snapshot over the profiling window", added=True)
 
 
 @dataclass

@@ -520,10 +520,13 @@ def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[s
         cfg.data.vocab_size = GPT2_VOCAB_SIZE
         prov["data.vocab_size"] = "derived (the gpt2 tokenizer's vocabulary)"
     u = cfg.utils
-    if u.profile_step_end < u.profile_step_start and not {"utils.profile_step_end", "utils.profile_step_start"} & bad:
+    # The window profile_step_start <= step < profile_step_end must hold a step when something profiles it.
+    if ((u.profile_nsys or u.profile_torch or u.profile_memory) and u.profile_step_end <= u.profile_step_start
+            and not {"utils.profile_step_end", "utils.profile_step_start"} & bad):
         errors.append(f"utils.profile_step_end = {u.profile_step_end} ({origin(prov['utils.profile_step_end'])}): "
-                      f"must be >= utils.profile_step_start = {u.profile_step_start} "
-                      f"({origin(prov['utils.profile_step_start'])})")
+                      f"must be > utils.profile_step_start = {u.profile_step_start} "
+                      f"({origin(prov['utils.profile_step_start'])}); the profiled steps are "
+                      "profile_step_start <= step < profile_step_end")
     if cfg.init.data_parallel_random_init:
         # DDP and FSDP start every replica from rank 0's weights; per-rank init would be silently undone.
         errors.append(f"init.data_parallel_random_init = true ({origin(prov['init.data_parallel_random_init'])}): "

@@ -47,6 +47,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
+from ironcore.observe.profiling import phase
 from ironcore.parallel import data_parallel
 from ironcore.parallel.state import ParallelState
 
@@ -172,9 +173,12 @@ class _P2P:
             ops.append(dist.P2POp(dist.irecv, from_next, self.next, self.group, _BACKWARD_TAG))
         if not ops:
             return None, None
+        names = [name for name, wanted in zip(("pp-send-forward", "pp-recv-forward", "pp-send-backward", "pp-recv-backward"),
+                                              (send_next, recv_prev, send_prev, recv_next)) if wanted is not None]
         try:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait(self.timeout)
+            with phase("+".join(names)):
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait(self.timeout)
         except RuntimeError as e:
             peers = sorted({op.peer for op in ops})
             raise PipelineError(
@@ -257,10 +261,11 @@ class _Runner:
         """Back-propagate one micro-batch through one chunk; returns the gradient for the previous
         stage (None on the first stage)."""
         try:
-            if output_grad is None:
-                torch.autograd.backward(output)
-            else:
-                torch.autograd.backward(output, grad_tensors=output_grad.to(output.dtype))
+            with phase("backward"):
+                if output_grad is None:
+                    torch.autograd.backward(output)
+                else:
+                    torch.autograd.backward(output, grad_tensors=output_grad.to(output.dtype))
         except Exception as e:
             self.fail("backward", chunk, microbatch, e)
         self.in_flight -= 1

@@ -52,7 +52,7 @@ from ironcore.config import Config, ConfigError, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.run_info import collect_run_info
-from ironcore.observe.profiling import Profiler, nvtx_range
+from ironcore.observe.profiling import Profiler, phase
 from ironcore.model import batch_inputs
 from ironcore.training.tied_embedding import sync_tied_embedding_grads
 from ironcore.parallel import pipeline
@@ -186,7 +186,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _forward_step(self, model: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
-        with autocast(self.cfg.model.precision, self.pstate.device), nvtx_range("forward"):
+        with autocast(self.cfg.model.precision, self.pstate.device), phase("forward"):
             return model(**batch_inputs(batch, self.pstate.device), hidden_states=hidden_states)
 
     def _masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -258,20 +258,22 @@ class Trainer:
                     "saving. Resume from the last checkpoint with a lower optim.max_lr, or check the data.")
             return StepResult(loss, lr, None, True, tokens * self.pstate.dp_size, time.perf_counter() - t0), signalled
         self.skipped_in_a_row = 0
-        self._finalize_grads()
+        with phase("grad-reduce"):
+            self._finalize_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if self.cfg.optim.clip_grad > 0 or self.cfg.trainer.grad_norm_log_interval:
             grad_norm = self._clip_grad_norm().item()
         skipped = False
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < scale  # the scaler backed off: the update was skipped
-        else:
-            self.optimizer.step()
+        with phase("optimizer"):
+            if self.scaler is not None:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                skipped = self.scaler.get_scale() < scale  # the scaler backed off: the update was skipped
+            else:
+                self.optimizer.step()
         if not skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -310,7 +312,7 @@ class Trainer:
         cfg = self.cfg
         samples = cfg.operation.eval_samples if split == "eval" else cfg.operation.test_samples
         batch = cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size
-        with nvtx_range(f"{split}"):
+        with phase(split):
             result = evaluate(self.model, self.datasets[split], samples, batch, self.pstate, cfg.model.precision)
         if result is None:
             if not (split == "eval" and self.warned_no_eval):
@@ -332,7 +334,7 @@ class Trainer:
                 logger.warning("trainer.model_path is empty: checkpoints are not saved")
                 self.warned_no_save = True
             return None
-        with nvtx_range("checkpoint"):
+        with phase("checkpoint"):
             path = save_checkpoint(cfg, self.pstate, self.step, self.model, self.optimizer, self.scheduler,
                                    self.scaler, self.loader.state_dict(), self.run_info)
         self.last_saved, self.last_checkpoint = self.step, str(path)
@@ -394,10 +396,9 @@ class Trainer:
         with _StopSignal() as stop:
             try:
                 while self.step < op.train_steps:
-                    self.profiler.step_begin(self.step)
-                    with nvtx_range(f"step {self.step + 1}"):
-                        result, signalled = self.train_step(stop)
-                    profile_done = self.profiler.step_end(self.step - 1)
+                    self.profiler.step_begin(self.step + 1)  # the console's number for this step
+                    result, signalled = self.train_step(stop)
+                    profile_done = self.profiler.step_end(self.step)
                     if self.step == start_step + 1:
                         self._log_optimizer_memory()
                     if not math.isnan(result.loss):  # a skipped non-finite step was logged as a warning
