@@ -391,7 +391,7 @@ def test_missing_latest_and_no_verifying_checkpoint_refuses(ckpt, capsys):
 
 def test_overflowing_lr_never_publishes_a_checkpoint(ckpt, capsys):
     config, model_path = ckpt
-    status, err = _train_cli(config, capsys, "optim.max_lr=1e300", f"operation.train_steps={SAVE_STEPS + 1}")
+    status, err = _train_cli(config, capsys, "optim.max_lr=1e300", "optim.load_checkpoint_lr_scheduler=false", f"operation.train_steps={SAVE_STEPS + 1}")
     assert status == 1
     _one_line_error(err, f"step {SAVE_STEPS + 1}", "NaN or inf")
     assert (model_path / "latest").read_text().strip() == str(SAVE_STEPS)
@@ -400,7 +400,7 @@ def test_overflowing_lr_never_publishes_a_checkpoint(ckpt, capsys):
 
 def test_skipped_steps_are_bounded(ckpt, capsys):
     config, model_path = ckpt
-    status, err = _train_cli(config, capsys, "optim.max_lr=1e300", "trainer.skip_nonfinite_steps=true",
+    status, err = _train_cli(config, capsys, "optim.max_lr=1e300", "optim.load_checkpoint_lr_scheduler=false", "trainer.skip_nonfinite_steps=true",
                              "trainer.max_skipped_steps=2", "operation.train_steps=10", "operation.no_save=true")
     assert status == 1
     # Step 3 makes the weights infinite; steps 4 and 5 are skipped, then the run stops.
@@ -489,7 +489,7 @@ def test_resumed_run_continues_its_mlflow_run_and_failures_are_marked(ckpt, caps
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [3, 4]
     assert run.info.status == "FINISHED"
 
-    status, err = _train_cli(config, capsys, f"utils.mlflow_tracking_uri={uri}", "optim.max_lr=1e300",
+    status, err = _train_cli(config, capsys, f"utils.mlflow_tracking_uri={uri}", "optim.max_lr=1e300", "optim.load_checkpoint_lr_scheduler=false",
                              f"operation.train_steps={SAVE_STEPS + 4}")
     assert status == 1
     (run,) = client.search_runs([experiment])
@@ -570,7 +570,7 @@ def test_token_id_past_the_vocabulary_is_one_line_naming_the_bin(tmp_path, capsy
     del tokens
     config = write_config(tmp_path, "run", data={"task_type": "pretrain", "splits": [0.9, 0.1, 0.0],
                                                  "train_datasets": [{"path": str(prefix), "weight": 1.0}]},
-                          operation={"train_steps": 2, "no_save": True})
+                          operation={"train_steps": 3, "no_save": True})
     status, err = _train_cli(config, capsys)
     assert status == 1
     _one_line_error(err, f"{prefix}.bin: token id 65535 at position 1234 is outside the vocabulary")
