@@ -312,7 +312,7 @@ def save(directory: Path, pstate, model: torch.nn.Module, optimizer) -> list[Pat
     with _quiet_dcp(), _dcp_errors(directory, "writing"):
         dcp.save(_globalize(model, model_sd, optim_sd, pstate), storage_writer=dcp.FileSystemWriter(directory))
     written = sorted(directory.glob(f"__{pstate.rank}_*"))
-    if pstate.tp_rank == 0 and pstate.dp_rank == 0:
+    if pstate.tp_rank == 0 and pstate.dp_cp_rank == 0:
         global_name = global_namer(model)
         groups = None
         if optim_sd is not None:

@@ -293,7 +293,7 @@ def model_shape(cfg, vocab_size: Optional[int] = None) -> dict:
 
 def _layout(cfg, pstate) -> dict:
     return {"tp_size": pstate.tp_size, "pp_size": pstate.pp_size, "dp_size": pstate.dp_size,
-            "world_size": pstate.world_size, "format": "dist" if cfg.operation.save_dist_ckpt else "single"}
+            "cp_size": pstate.cp_size, "world_size": pstate.world_size, "format": "dist" if cfg.operation.save_dist_ckpt else "single"}
 
 
 def _model_vocab_size(model: torch.nn.Module) -> Optional[int]:
@@ -410,7 +410,7 @@ def _save_single(tmp: Path, pstate, model, optimizer) -> dict[str, dict]:
     # Every rank builds the state dicts: under FSDP that gathers the shards (a collective) to CPU
     # on DP rank 0, the writer; the distributed optimizer gathers its state slices over DP;
     # otherwise they are views of the live tensors, no copy.
-    writer = pstate.dp_rank == 0
+    writer = pstate.dp_cp_rank == 0  # CP ranks of a replica hold the same weights, as DP ranks do
     shard = (pstate.tp_rank, pstate.pp_rank)
     contents = {model_file(*shard): gather_full_tensors(get_model_state_dict(model), writer)}
     if optimizer is not None:
@@ -838,13 +838,13 @@ def _load_single(folder: Path, manifest: dict, pstate, model, optimizer) -> None
 
 
 def _load_rng(folder: Path, pstate, common: dict, manifest: dict) -> Optional[dict]:
-    """Every RNG of this rank, when the checkpoint was saved by the same TP × PP × DP layout (a rank's
+    """Every RNG of this rank, when the checkpoint was saved by the same TP × PP × DP × CP layout (a rank's
     streams belong to its place in the grid; another layout keeps the streams it was seeded with)."""
     layout = common["layout"]
-    saved = "×".join(str(layout[k]) for k in ("tp_size", "pp_size", "dp_size"))
-    current = "×".join(str(n) for n in (pstate.tp_size, pstate.pp_size, pstate.dp_size))
+    saved = "×".join(str(layout.get(k, 1)) for k in ("tp_size", "pp_size", "dp_size", "cp_size"))
+    current = "×".join(str(n) for n in (pstate.tp_size, pstate.pp_size, pstate.dp_size, pstate.cp_size))
     if saved != current or rng_file(pstate.rank) not in manifest["files"]:
-        logger.warning("checkpoint %s holds no RNG states for this layout (saved with TP×PP×DP %s, this run has "
+        logger.warning("checkpoint %s holds no RNG states for this layout (saved with TP×PP×DP×CP %s, this run has "
                        "%s): RNGs keep this run's seeds, so the run continues, but not bit-identically to an "
                        "uninterrupted one", folder, saved, current)
         return None

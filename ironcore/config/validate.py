@@ -282,6 +282,7 @@ def _launcher_env(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
                       f"{launcher}; the world size is the launcher's: remove the key, set it to {launched}, "
                       f"or start {cfg.parallel.world_size} processes (torchrun --nproc_per_node, srun)")
         cfg.parallel.world_size = launched  # the other rules then speak of the world that would run
+        prov[key] = f"derived ({name or 'a single process'})"
     for field, (name, raw) in found.items():
         setattr(cfg.parallel, field, int(raw))
         prov[f"parallel.{field}"] = f"derived ({name} environment variable)"
@@ -472,6 +473,25 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, group), name)
 
 
+def _context_parallel_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
+    """What a sequence split over ``trainer.context_parallel_size`` ranks needs (parallel/context.py)."""
+    cp, tp = cfg.trainer.context_parallel_size, cfg.trainer.tensor_model_parallel_size
+    cp_text = f"context_parallel_size {cp} ({origin(prov['trainer.context_parallel_size'])})"
+    split, why = 2 * cp, " (each CP rank holds two of 2 × context_parallel_size equal chunks)"
+    if cfg.parallel.sequence_parallel and tp > 1:
+        split, why = split * tp, why[:-1] + ", split again over TP by parallel.sequence_parallel)"
+    _divides(errors, bad, prov, "model.max_seq_len", cfg.model.max_seq_len, split,
+             f"2 × trainer.context_parallel_size" + (" × tensor_model_parallel_size" if split > 2 * cp else ""), why)
+    task = cfg.data.task_type
+    if task == "sft" and not cfg.data.pad_to_max_length:
+        errors.append(f"data.pad_to_max_length = false ({origin(prov['data.pad_to_max_length'])}) with data.task_type "
+                      f"= sft and {cp_text}: packed SFT rows need segment masks, which ring attention does not "
+                      "take; set data.pad_to_max_length: true (rows of max_seq_len tokens) or context_parallel_size: 1")
+    if task == "dpo":
+        errors.append(f"data.task_type = dpo ({origin(prov['data.task_type'])}) with {cp_text}: DPO's sequence "
+                      "log-probabilities are not summed over the CP group yet; allowed with DPO: 1")
+
+
 def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:
     """Apply the cross-field rules and fill in derived values (see the module docstring)."""
     _launcher_env(cfg, prov, errors)
@@ -490,10 +510,8 @@ def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[s
                 + f" = {tp * pp * cp}")
         else:
             _batch_arithmetic(cfg, p.world_size // (tp * pp * cp), prov, bad, errors)
-    if cp > 1:
-        errors.append(f"trainer.context_parallel_size = {cp} ({origin(prov['trainer.context_parallel_size'])}): "
-                      "the training loop does not split sequences yet (ring attention exists in "
-                      "ironcore.parallel.context but is not wired in); allowed: 1")
+    if cp > 1 and "trainer.context_parallel_size" not in bad:
+        _context_parallel_rules(cfg, prov, bad, errors)
     if p.use_distributed_optimizer and cfg.model.precision == "float16":
         errors.append(f"parallel.use_distributed_optimizer = true ({origin(prov['parallel.use_distributed_optimizer'])})"
                       f" with model.precision = float16 ({origin(prov['model.precision'])}): the fp16 loss scaler "

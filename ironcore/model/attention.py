@@ -8,6 +8,10 @@ rank owns ``heads/tp`` query heads and ``groups/tp`` kv groups; query head ``i``
 
 Kernel: flash-attn when it is installed, the tensors are on CUDA in fp16/bf16, ``trainer.use_flash_attn``
 is on and no segment mask is needed; otherwise ``torch.nn.functional.scaled_dot_product_attention``.
+Under context parallelism (``trainer.context_parallel_size > 1``) each rank holds a load-balanced
+share of every sequence, and attention is ring attention over the CP group
+(``ironcore.parallel.context``), exact causal attention across the shards. Its dropout masks do not
+match a CP=1 run's draws (only their distribution). Generation (the KV cache) runs at CP=1.
 The path taken is logged once per process.
 """
 
@@ -22,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ironcore.model.rope import apply_rotary
+from ironcore.parallel.context import ring_attention
 from ironcore.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from ironcore.parallel.mappings import enter_tensor_parallel_region
 from ironcore.parallel.random import get_rng_tracker
@@ -61,6 +66,7 @@ class Attention(nn.Module):
                  dropout: float, pstate: ParallelState, sequence_parallel: bool, use_flash_attn: bool):
         super().__init__()
         self.group = pstate.tp_group
+        self.cp_group = pstate.cp_group
         self.sequence_parallel = sequence_parallel
         self.local_heads = num_heads // pstate.tp_size
         self.local_groups = num_groups // pstate.tp_size
@@ -98,6 +104,12 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
     def _attend(self, q, k, v, attn_mask, dropout: float) -> torch.Tensor:
+        if self.cp_group is not None:
+            if attn_mask is not None:
+                raise ValueError("context parallelism attends causally over whole sequences: no segment or "
+                                 "KV-cache mask (generate at context_parallel_size 1)")
+            _log_path_once("ring attention over the context-parallel group")
+            return ring_attention(q, k, v, self.cp_group, dropout)
         if (self.use_flash_attn and attn_mask is None and q.is_cuda
                 and q.dtype in (torch.float16, torch.bfloat16)):
             _log_path_once("flash-attn")

@@ -5,7 +5,13 @@ plain split would leave the last rank with most of the work. As Megatron does, a
 into ``2·cp`` chunks and CP rank ``r`` holds chunks ``r`` and ``2·cp−1−r``: every rank then does the
 same amount of work. `shard_sequence` applies this to any ``[b, s, ...]`` tensor (input ids,
 labels, loss mask, position ids: positions are sharded, never recomputed locally, so RoPE and
-absolute embeddings see each token's true position); `unshard_sequence`/`gather_sequence` invert it.
+absolute embeddings see each token's true position); `shard_batch` does it to a loader
+micro-batch; `unshard_sequence`/`gather_sequence` invert it.
+
+Around attention, nothing else changes: every other layer is token-wise, so a CP rank runs the
+whole model on its ``s/cp`` tokens. The loss is a token mean over the CP group (see
+``training.objectives.LanguageModeling``) and the gradients are averaged over ``dp × cp``
+(``ParallelState.dp_cp_group``), the CP ranks holding the same weights.
 
 Ring attention. Each rank keeps its queries and passes its keys/values around the ring; after
 ``cp`` steps every query has met every key once. Per step the (query, key) block pair is one of:
@@ -56,6 +62,28 @@ def unshard_sequence(shards: Sequence[torch.Tensor], dim: int = 1) -> torch.Tens
     for r, shard in enumerate(shards):
         chunks[r], chunks[2 * cp_size - 1 - r] = shard.chunk(2, dim=dim)
     return torch.cat(chunks, dim=dim)
+
+
+SEQUENCE_KEYS = ("input_ids", "labels", "loss_mask", "position_ids")
+
+
+def shard_batch(batch: dict[str, torch.Tensor], cp_size: int, cp_rank: int) -> dict[str, torch.Tensor]:
+    """This CP rank's part of a loader micro-batch: every ``[b, s]`` field of `SEQUENCE_KEYS`
+    sharded with `shard_sequence`. Positions are made explicit first (``arange(s)`` when the batch
+    has none), so each token keeps its true position. Identity at ``cp_size == 1``."""
+    if cp_size == 1:
+        return batch
+    if "segment_ids" in batch:  # validation refuses packed SFT under CP; this guards other callers
+        raise ValueError("context parallelism does not support segment_ids (packed sequences): ring attention "
+                         "is plain causal")
+    batch = dict(batch)
+    if "position_ids" not in batch:
+        b, s = batch["input_ids"].shape
+        batch["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s)
+    for key in SEQUENCE_KEYS:
+        if key in batch:
+            batch[key] = shard_sequence(batch[key], cp_size, cp_rank)
+    return batch
 
 
 def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup], dim: int = 1) -> torch.Tensor:

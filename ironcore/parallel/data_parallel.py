@@ -80,10 +80,10 @@ def wrap_data_parallel(chunks: list[nn.Module], cfg: Config, pstate: ParallelSta
                         p.fsdp_sharding_strategy, tuple(mesh.shape), ", ".join(mesh.mesh_dim_names),
                         p.fsdp_mixed_precision, p.fsdp_offload_params)
         return [_fully_shard(chunk, mesh, cfg, pstate) for chunk in chunks]
-    if pstate.dp_group is None or pstate.pp_size > 1 or p.use_distributed_optimizer:
+    if pstate.dp_cp_group is None or pstate.pp_size > 1 or p.use_distributed_optimizer:
         return list(chunks)
     device_ids = [pstate.device] if pstate.device.type == "cuda" else None
-    return [DistributedDataParallel(chunks[0], process_group=pstate.dp_group, device_ids=device_ids)]
+    return [DistributedDataParallel(chunks[0], process_group=pstate.dp_cp_group, device_ids=device_ids)]
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """The distributed optimizer (``parallel.use_distributed_optimizer``, Megatron's flag; ZeRO-1).
 
 Without FSDP, every data-parallel replica holds all parameters, but the optimizer state (Adam's
-moments) and the update are split over the DP group:
+moments) and the update are split over the DP group (``pstate.dp_cp``: with context parallelism
+the CP ranks of a replica join it, as they hold the same weights and reduce gradients together):
 
 * each param group's parameters are laid end to end in one flat fp32 buffer (padded to a multiple
   of the DP size), and the model's parameters become views of it; DP rank ``r`` owns the ``r``-th
@@ -54,7 +55,8 @@ class _Bucket:
 
 
 class DistributedOptimizer:
-    """An Adam/AdamW whose state is sharded over the data-parallel group (module docstring)."""
+    """An Adam/AdamW whose state is sharded over the data-parallel group, context-parallel ranks
+    included (``dp_cp``: they hold the same weights, as Megatron shards over them; module docstring)."""
 
     def __init__(self, groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer],
                  pstate: ParallelState):
@@ -65,7 +67,7 @@ class DistributedOptimizer:
         self.optimizer = make_optimizer(inner_groups)
 
     def _bucket(self, params: list[nn.Parameter]) -> _Bucket:
-        dp, rank = self.pstate.dp_size, self.pstate.dp_rank
+        dp, rank = self.pstate.dp_cp_size, self.pstate.dp_cp_rank
         numel = sum(p.numel() for p in params)
         size = math.ceil(numel / dp)
         buffer = torch.zeros(size * dp, dtype=torch.float32, device=params[0].device)
@@ -103,7 +105,7 @@ class DistributedOptimizer:
     def reduce_scatter_grads(self) -> None:
         """Each rank's slice of the DP-averaged gradients (call after backward and any gradient
         fix-ups on whole gradients: sequence-parallel and tied-embedding sums)."""
-        group, dp = self.pstate.dp_group, self.pstate.dp_size
+        group, dp = self.pstate.dp_cp_group, self.pstate.dp_cp_size
         for b in self.buckets:
             flat = torch.zeros_like(b.buffer)
             for p, offset in zip(b.params, b.offsets):
@@ -127,8 +129,8 @@ class DistributedOptimizer:
             split += sq[b.split & b.counted].sum()
             replicated += sq[~b.split & b.counted].sum()
         sums = torch.stack([split, replicated])
-        if p.dp_group is not None:
-            dist.all_reduce(sums, group=p.dp_group)  # the slices partition each gradient
+        if p.dp_cp_group is not None:
+            dist.all_reduce(sums, group=p.dp_cp_group)  # the slices partition each gradient
         if p.tp_group is not None:
             dist.all_reduce(sums[0:1], group=p.tp_group)
         total = sums.sum()
@@ -145,10 +147,10 @@ class DistributedOptimizer:
     def step(self) -> None:
         """Update this rank's slices, then all-gather every buffer (the parameters are views)."""
         self.optimizer.step()
-        if self.pstate.dp_group is None:
+        if self.pstate.dp_cp_group is None:
             return
         for b in self.buckets:
-            dist.all_gather_single(b.buffer, b.shard.detach().clone(), group=self.pstate.dp_group)
+            dist.all_gather_single(b.buffer, b.shard.detach().clone(), group=self.pstate.dp_cp_group)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -182,10 +184,10 @@ class DistributedOptimizer:
         return {"state": state, "param_groups": groups}
 
     def _gather(self, b: _Bucket, value: torch.Tensor) -> torch.Tensor:
-        if self.pstate.dp_group is None:
+        if self.pstate.dp_cp_group is None:
             return value
-        whole = torch.empty(b.size * self.pstate.dp_size, dtype=value.dtype, device=value.device)
-        dist.all_gather_single(whole, value.contiguous(), group=self.pstate.dp_group)
+        whole = torch.empty(b.size * self.pstate.dp_cp_size, dtype=value.dtype, device=value.device)
+        dist.all_gather_single(whole, value.contiguous(), group=self.pstate.dp_cp_group)
         return whole
 
     def load_full_state_dict(self, model: nn.Module, saved: dict) -> None:

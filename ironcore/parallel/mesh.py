@@ -16,8 +16,9 @@ PP=2, DP=2: TP groups [0,1] [2,3] [4,5] [6,7]; DP groups [0,2] [1,3] [4,6] [5,7]
 The data-parallel size ``dp = dp_replicate × dp_shard`` is split by the data-parallel method:
 DDP and the distributed optimizer replicate (``dp_replicate = dp``); FSDP ``full`` shards over all
 of it (``dp_shard = dp``); HSDP (``hybrid``) shards within a node and replicates across nodes;
-``no_shard`` replicates through FSDP. The flattened ``dp`` dimension is the group that loss
-averaging, the data loader and DDP see.
+``no_shard`` replicates through FSDP. The flattened ``dp`` dimension is the data loader's (CP ranks
+of a replica read the same sequences); the flattened ``dp_cp = dp × cp`` dimension is the gradient
+reduction's and the loss average's (DDP, the distributed optimizer, FSDP's ``dp_shard × cp``).
 """
 
 from __future__ import annotations
@@ -129,17 +130,25 @@ def _ranks_per_node() -> int:
                        "torchrun (it sets LOCAL_WORLD_SIZE) or set LOCAL_WORLD_SIZE"])
 
 
-def build_device_mesh(shape: MeshShape, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+def build_device_mesh(shape: MeshShape, device_type: str) -> tuple[DeviceMesh, DeviceMesh, DeviceMesh]:
     """The process groups of ``shape`` (collective: every rank calls it, after
-    ``init_process_group``): the mesh, and its flattened ``dp = dp_replicate × dp_shard`` mesh."""
+    ``init_process_group``): the mesh, its flattened ``dp = dp_replicate × dp_shard`` mesh (the data
+    loader's ranks) and its flattened ``dp_cp = dp × cp`` mesh (the gradient reduction's ranks: the
+    CP ranks of a replica hold the same weights and different tokens, so, as Megatron does, their
+    gradients are averaged with the data-parallel ones). ``dp_shard_cp`` is flattened too: FSDP
+    shards over it."""
     mesh = init_device_mesh(device_type, shape.sizes, mesh_dim_names=DIMS)
-    return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    dp_cp_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return mesh, dp_mesh, dp_cp_mesh
 
 
 def fsdp_mesh(mesh: DeviceMesh, strategy: str) -> DeviceMesh:
-    """The sub-mesh FSDP2 shards over: ``dp_shard`` for ``full``; ``(dp_replicate, dp_shard)``
-    for ``hybrid`` (HSDP) and ``no_shard`` (a shard size of 1)."""
-    return mesh["dp_shard"] if strategy == "full" else mesh["dp_replicate", "dp_shard"]
+    """The sub-mesh FSDP2 shards over: ``dp_shard × cp`` for ``full``; ``(dp_replicate,
+    dp_shard × cp)`` for ``hybrid`` (HSDP) and ``no_shard`` (a shard size of 1 without CP). CP
+    ranks share the shards (as torchtitan's ``dp_shard_cp``), so their gradients are reduced too."""
+    return mesh["dp_shard_cp"] if strategy == "full" else mesh["dp_replicate", "dp_shard_cp"]
 
 
 def group_of(mesh: DeviceMesh, dim: Optional[str] = None):

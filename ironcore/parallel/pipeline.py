@@ -568,19 +568,19 @@ def forward_backward(schedule: str, model_chunks: Sequence[nn.Module], data_iter
 
 
 def finalize_model_grads(model_chunks: Sequence[nn.Module], pstate: ParallelState) -> None:
-    """Average the gradients of plain pipeline stages over the data-parallel group (one flat
-    all-reduce per dtype), after `forward_backward` and before clipping. A no-op for one stage
+    """Average the gradients of plain pipeline stages over the data- and context-parallel group
+    (``dp_cp``; one flat all-reduce per dtype), after `forward_backward` and before clipping. A no-op for one stage
     (its DP wrapper reduced in backward) and for FSDP stages (they reduce-scatter in backward);
     the distributed optimizer passes no chunks here (it reduce-scatters itself)."""
     chunks = [c for c in model_chunks if not data_parallel.is_fsdp(c)]
-    if pstate.pp_size == 1 or pstate.dp_group is None or not chunks:
+    if pstate.pp_size == 1 or pstate.dp_cp_group is None or not chunks:
         return
     grads = [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
     for dtype in {g.dtype for g in grads}:
         group = [g for g in grads if g.dtype == dtype]
         flat = _flatten_dense_tensors(group)
-        dist.all_reduce(flat, group=pstate.dp_group)
-        flat /= pstate.dp_size
+        dist.all_reduce(flat, group=pstate.dp_cp_group)
+        flat /= pstate.dp_cp_size
         for grad, reduced in zip(group, _unflatten_dense_tensors(flat, group)):
             grad.copy_(reduced)
 

@@ -37,8 +37,9 @@ ProcessGroup = Optional[dist.ProcessGroup]
 @dataclass
 class ParallelState:
     """Where this process sits in the PP × DP × CP × TP mesh, and the groups it talks to. ``dp`` is
-    the flattened ``dp_replicate × dp_shard`` dimension; ``mesh`` is None for a single process
-    described without torch.distributed."""
+    the flattened ``dp_replicate × dp_shard`` dimension (the data loader's), ``dp_cp`` the flattened
+    ``dp × cp`` one (gradient reduction and loss averaging; equal to ``dp`` without CP); ``mesh`` is
+    None for a single process described without torch.distributed."""
 
     rank: int = 0
     world_size: int = 1
@@ -57,6 +58,9 @@ class ParallelState:
     cp_size: int = 1
     cp_rank: int = 0
     cp_group: ProcessGroup = None
+    dp_cp_size: int = 1
+    dp_cp_rank: int = 0
+    dp_cp_group: ProcessGroup = None
     shape: MeshShape = MeshShape()
     mesh: Optional[DeviceMesh] = None
 
@@ -105,7 +109,7 @@ def _pick_backend(requested: str, local_rank: int) -> tuple[str, torch.device]:
 def build_parallel_state(shape: MeshShape, rank: int, local_rank: int, device: torch.device,
                          backend: str) -> ParallelState:
     """Build the mesh of ``shape`` (collective) and read this rank's groups and coordinates off it."""
-    mesh, dp_mesh = build_device_mesh(shape, device.type)
+    mesh, dp_mesh, dp_cp_mesh = build_device_mesh(shape, device.type)
     coords = shape.coordinates(rank)
     return ParallelState(
         rank=rank, world_size=shape.world_size, local_rank=local_rank, device=device, backend=backend,
@@ -114,6 +118,7 @@ def build_parallel_state(shape: MeshShape, rank: int, local_rank: int, device: t
         dp_size=shape.dp, dp_rank=coords["dp_replicate"] * shape.dp_shard + coords["dp_shard"],
         dp_group=group_of(dp_mesh),
         cp_size=shape.cp, cp_rank=coords["cp"], cp_group=group_of(mesh, "cp"),
+        dp_cp_size=shape.dp * shape.cp, dp_cp_rank=dp_cp_mesh.get_local_rank(), dp_cp_group=group_of(dp_cp_mesh),
         shape=shape, mesh=mesh,
     )
 

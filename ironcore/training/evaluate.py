@@ -19,16 +19,11 @@ from torch import nn
 from ironcore.config import Config
 from ironcore.model import batch_inputs
 from ironcore.parallel import pipeline
+from ironcore.parallel.context import shard_batch
 from ironcore.training.objectives import LanguageModeling
 from ironcore.training.precision import autocast
 
 logger = logging.getLogger(__name__)
-
-
-def masked_loss_sums(model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token loss × loss_mask, sum of loss_mask) of one micro-batch."""
-    per_token = model(**batch_inputs(batch, device))
-    return LanguageModeling().loss_sums(per_token, batch)
 
 
 @torch.no_grad()
@@ -36,7 +31,7 @@ def evaluate(model: nn.Module, dataset, num_samples: int, micro_batch_size: int,
              precision: str) -> Optional[tuple[float, float]]:
     """Token-averaged loss and perplexity over the first ``num_samples`` samples of ``dataset``
     (rounded up to whole micro-batches on every DP rank), the same samples at every call.
-    Returns None for an empty dataset or ``num_samples == 0``. Collective over the DP group, and
+    Returns None for an empty dataset or ``num_samples == 0``. Collective over the DP (and CP) group, and
     over the pipeline: `model` is this rank's stage (an ``nn.ModuleList`` of its chunks when it
     holds several), run forward-only through ``ironcore.parallel.pipeline``."""
     from ironcore.data import build_loader
@@ -56,15 +51,16 @@ def evaluate(model: nn.Module, dataset, num_samples: int, micro_batch_size: int,
 
     was_training = model.training
     model.eval()
-    sums = pipeline.forward_backward("interleaved" if len(chunks) > 1 else "1f1b", chunks, loader, draws, pstate,
+    batches = (shard_batch(batch, pstate.cp_size, pstate.cp_rank) for batch in loader)
+    sums = pipeline.forward_backward("interleaved" if len(chunks) > 1 else "1f1b", chunks, batches, draws, pstate,
                                      loss_sums, hidden_size=chunks[0].cfg.d_model,
                                      sequence_parallel=chunks[0].sequence_parallel, forward_step=forward_step,
                                      forward_only=True)
     model.train(was_training)
     totals = torch.stack(sums).sum(0) if sums else torch.zeros(2, dtype=torch.float64, device=pstate.device)
     totals = pipeline.broadcast_from_last_stage(totals, pstate)
-    if pstate.dp_group is not None:
-        dist.all_reduce(totals, group=pstate.dp_group)
+    if pstate.dp_cp_group is not None:  # CP ranks hold disjoint tokens of the same sequences
+        dist.all_reduce(totals, group=pstate.dp_cp_group)
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     return loss, math.exp(min(loss, 700.0))  # exp overflows float past ~709
 

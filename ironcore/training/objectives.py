@@ -30,9 +30,10 @@ frozen reference model through `DPO.sequence_logps`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Optional, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ironcore.config.schema import Config
@@ -48,20 +49,33 @@ class Objective(Protocol):
 
 
 class LanguageModeling:
-    """Pretrain and SFT: the mean per-token loss over the tokens ``loss_mask`` trains on."""
+    """Pretrain and SFT: the mean per-token loss over the tokens ``loss_mask`` trains on.
+
+    Under context parallelism (`cp_group`) a rank sees only its share of each sequence, so the mean
+    is over the whole CP group's tokens: this rank's sum over the group's count, times ``cp_size``.
+    The gradient average over ``dp × cp`` then divides the ``cp_size`` out again, and the mean of
+    the ranks' values is the micro-batch's token mean (as Megatron scales its CP loss)."""
+
+    def __init__(self, cp_group: Optional[dist.ProcessGroup] = None):
+        self.cp_group = cp_group
 
     def model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return batch
 
     def loss_sums(self, per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ per-token loss × loss_mask, Σ loss_mask): evaluation adds these over batches and ranks."""
+        """(Σ per-token loss × loss_mask, Σ loss_mask) of this rank's tokens: evaluation adds these
+        over batches and ranks."""
         mask = batch["loss_mask"].to(per_token.device)
         return (per_token.float() * mask).sum(), mask.sum()
 
     def loss(self, per_token: torch.Tensor, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, count = self.loss_sums(per_token, batch)
-        return total / count.clamp(min=1), {}
+        if self.cp_group is None:
+            return total / count.clamp(min=1), {}
+        count = count.detach().clone()
+        dist.all_reduce(count, group=self.cp_group)
+        return total * dist.get_world_size(self.cp_group) / count.clamp(min=1), {}
 
 
 class DPOOutput(NamedTuple):
@@ -126,9 +140,10 @@ class DPO:
         return out.losses.mean(), reward_metrics(out)
 
 
-def build_objective(cfg: Config) -> Objective:
-    """The objective ``data.task_type`` names (DPO with the ``trainer.dpo_*`` keys)."""
+def build_objective(cfg: Config, cp_group: Optional[dist.ProcessGroup] = None) -> Objective:
+    """The objective ``data.task_type`` names (DPO with the ``trainer.dpo_*`` keys); `cp_group`:
+    the context-parallel group the language-modeling mean spans (validation keeps DPO at CP 1)."""
     if cfg.data.task_type == "dpo":
         t = cfg.trainer
         return DPO(beta=t.dpo_beta, loss_type=t.dpo_loss_type, label_smoothing=t.dpo_label_smoothing)
-    return LanguageModeling()
+    return LanguageModeling(cp_group)

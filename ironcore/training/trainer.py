@@ -56,6 +56,7 @@ from ironcore.observe.profiling import Profiler, phase
 from ironcore.model import batch_inputs
 from ironcore.training.tied_embedding import sync_tied_embedding_grads
 from ironcore.parallel import pipeline
+from ironcore.parallel.context import shard_batch
 from ironcore.parallel.distributed_optimizer import is_distributed_optimizer, optimizer_state_bytes
 from ironcore.parallel.state import ParallelState, destroy_distributed, init_distributed
 from ironcore.training.build import build_run
@@ -152,7 +153,7 @@ class Trainer:
         if cfg.data.task_type == "dpo":
             raise ConfigError(["data.task_type = 'dpo': the trainer has no preference (DPO) loss yet; "
                                "allowed for training: pretrain, sft (DPO data can be prepared and loaded)"])
-        self.objective = build_objective(cfg)
+        self.objective = build_objective(cfg, pstate.cp_group)
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
         tokenizer = build_tokenizer(cfg.model)
@@ -202,8 +203,8 @@ class Trainer:
             nonlocal tokens
             while True:
                 batch = next(self.loader)
-                tokens += batch["input_ids"].numel()
-                yield batch
+                tokens += batch["input_ids"].numel()  # this replica's tokens, all its CP ranks' together
+                yield shard_batch(batch, pstate.cp_size, pstate.cp_rank)
 
         losses = pipeline.forward_backward(
             cfg.parallel.pipeline_schedule, self.stages, micro_batches(), cfg.trainer.gradient_accumulation_steps,
@@ -213,14 +214,14 @@ class Trainer:
         return pipeline.last_stage_mean(losses, pstate, pstate.device), tokens
 
     def _check_and_average(self, local_loss: torch.Tensor, stop: "_StopSignal") -> tuple[float, bool]:
-        """DP-averaged loss (NaN when any rank's loss is non-finite and
+        """DP- (and CP-) averaged loss (NaN when any rank's loss is non-finite and
         ``trainer.skip_nonfinite_steps`` is on; otherwise such a loss raises). Also agrees across all
         ranks on whether a stop signal arrived (any rank's signal stops every rank at the same step)."""
         pstate = self.pstate
         averaged = local_loss.detach().float().clone()
-        if pstate.dp_group is not None:
-            dist.all_reduce(averaged, group=pstate.dp_group)
-            averaged /= pstate.dp_size
+        if pstate.dp_cp_group is not None:  # CP ranks' losses average to the token mean (objectives.py)
+            dist.all_reduce(averaged, group=pstate.dp_cp_group)
+            averaged /= pstate.dp_cp_size
         # One MIN-reduction over the world: the first rank with a bad loss, and 0 if any rank got a signal.
         flags = torch.tensor([pstate.rank if not torch.isfinite(local_loss) else pstate.world_size,
                               0 if stop.received else 1], dtype=torch.int64, device=pstate.device)
