@@ -47,3 +47,47 @@ def test_export_is_usable_by_hf_tokenizer_and_pipeline(tmp_path, arch, capsys):
     pipe = transformers.pipeline("text-generation", model=str(tmp_path / "out"))
     theirs = pipe(prompt, do_sample=False, max_new_tokens=8, return_tensors=True)[0]["generated_token_ids"]
     assert list(theirs) == ours["prompt_ids"] + ours["ids"]
+
+
+class _OpensAFile:
+    """Unpickling this object creates ``marker``: it stands in for a pickle that runs code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_export_refuses_a_malicious_model_file_with_a_one_line_error(tmp_path, capsys):
+    """A model file the manifest vouches for but that runs code when unpickled is never executed by
+    ``--to hf``: the tool exits 1 with one line naming the file and none of its contents."""
+    import hashlib
+
+    import torch
+
+    from ironcore.checkpoint import io as ckpt_io
+    from ironcore.checkpoint.errors import CheckpointError
+    from ironcore.checkpoint.hf import export_hf_folder
+    from tools.convert_checkpoint import main as convert
+
+    random_hf_model(preset("tiny-llama"), 1000, seed=1).save_pretrained(tmp_path / "hf")
+    folder = convert_hf_folder(str(tmp_path / "hf"), load(write_config(tmp_path, "run", model="tiny-llama")),
+                               str(tmp_path / "ckpt"))
+    marker, name = tmp_path / "executed", ckpt_io.model_file(0, 0)
+    torch.save({"payload": _OpensAFile(str(marker))}, folder / name)
+    data = (folder / name).read_bytes()
+    manifest = json.loads((folder / ckpt_io.MANIFEST).read_text())
+    manifest["files"][name] = {**manifest["files"][name], "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / ckpt_io.MANIFEST).write_text(json.dumps(manifest))
+
+    with pytest.raises(CheckpointError, match="weights_only=True refused it") as error:
+        export_hf_folder(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    assert str(folder / name) in str(error.value) and "\n" not in str(error.value)
+    assert "payload" not in str(error.value) and "_OpensAFile" not in str(error.value)
+    capsys.readouterr()
+    assert convert(["--from", "ironcore", "--to", "hf", "--input", str(tmp_path / "ckpt"),
+                    "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert str(folder / name) in err and err.count("\n") == 1
+    assert not marker.exists()

@@ -391,6 +391,7 @@ def export_hf_folder(checkpoint: str, output: str) -> None:
 
     from ironcore.checkpoint import distributed
     from ironcore.checkpoint import io as ckpt_io
+    from ironcore.checkpoint.errors import load_file
 
     folder = Path(checkpoint)
     if (folder / ckpt_io.LATEST).is_file():
@@ -399,7 +400,7 @@ def export_hf_folder(checkpoint: str, output: str) -> None:
     problem = ckpt_io.verify_files(folder, manifest, sorted(manifest["files"]))
     if problem:
         raise ckpt_io.CheckpointError(problem)
-    common = torch.load(folder / ckpt_io.COMMON_FILE, weights_only=True)
+    common = load_file(folder / ckpt_io.COMMON_FILE)
     if common["layout"]["format"] == "dist":
         with tempfile.TemporaryDirectory() as tmp:
             return export_hf_folder(str(distributed.to_single_file(folder, tmp)), output)
@@ -408,7 +409,7 @@ def export_hf_folder(checkpoint: str, output: str) -> None:
     cfg = _model_config_from_dict(config["model"])
     vocab_size = common["model_shape"]["data.vocab_size"]
     tp_size, pp_size = common["layout"]["tp_size"], common["layout"]["pp_size"]
-    shards = {(pp, tp): torch.load(folder / ckpt_io.model_file(tp, pp), map_location="cpu", weights_only=True)
+    shards = {(pp, tp): load_file(folder / ckpt_io.model_file(tp, pp))
               for pp in range(pp_size) for tp in range(tp_size)}
     full = merge_shards(shards, cfg, vocab_size, tp_size=tp_size, pp_size=pp_size,
                         vocab_padding_unit=config["trainer"]["vocab_padding_unit"])
