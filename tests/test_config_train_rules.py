@@ -28,6 +28,10 @@ CASES = [
      "model.d_ffn = 101 (set by a command-line override): must be divisible by trainer.tensor_model_parallel_size = 2"),
     ("rope-odd-head-dim", ["model.positional_embedding.type=rope", "model.head_dim=63"], {},
      "model.head_dim = 63 (set by a command-line override): RoPE rotates pairs of channels and needs an even head_dim"),
+    ("llama3-rope-empty-band", ["model.positional_embedding.type=rope", "model.positional_embedding.scaling_type=llama3",
+                                "model.positional_embedding.high_freq_factor=0.5"], {},
+     "model.positional_embedding.high_freq_factor = 0.5 (set by a command-line override): llama3 RoPE scaling needs "
+     "it above model.positional_embedding.low_freq_factor = 1.0"),
     ("sequence-parallel-uneven-sequence",
      ["trainer.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.max_seq_len=255"],
      {"WORLD_SIZE": "2"},

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ironcore.config.schema import PositionalEmbeddingConfig
 from ironcore.model.rope import RotaryEmbedding, apply_rotary
 from ironcore.parallel.context import (_block_forward, gather_sequence, ring_attention,
                                        shard_sequence, unshard_sequence)
@@ -35,7 +36,7 @@ def _inputs(seq: int):
 
 
 def _attention(q, k, v, positions, group):
-    cos, sin = RotaryEmbedding(DIM, base=10000.0)(positions)
+    cos, sin = RotaryEmbedding(DIM, PositionalEmbeddingConfig(type="rope"))(positions)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if group is False:  # the reference: full causal SDPA
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

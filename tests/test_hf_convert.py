@@ -144,3 +144,81 @@ def test_convert_tool_hf_to_ironcore_tp2_and_back(tmp_path):
     # A model config that does not match the HF weights is refused, naming the key.
     assert main(["--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "bad"),
                  "--model", str(REPO / "configs" / "model" / "tiny.yaml")]) == 1
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def _llama3_hf_folder(path) -> None:
+    """A random tiny LlamaConfig with Llama 3.1's RoPE scaling, built by transformers itself (not from
+    an IronCore config). original_max_position_embeddings 32 with head_dim 32 puts frequencies in all
+    three bands (kept, smoothed, divided by factor) at positions up to 100."""
+    hf_config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_parameters=dict(LLAMA3_ROPE),
+        tie_word_embeddings=False)
+    torch.manual_seed(6)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+
+
+def _checkpoint_logits(ckpt, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the TP=1 IronCore checkpoint in `ckpt`, built from its own config.yaml."""
+    import yaml
+
+    from ironcore.checkpoint import io as ckpt_io
+    from ironcore.checkpoint.errors import load_file
+    from ironcore.checkpoint.hf import _model_config_from_dict
+
+    folder = ckpt_io.checkpoint_dir(ckpt, ckpt_io.read_latest(ckpt))
+    cfg = _model_config_from_dict(yaml.safe_load((folder / ckpt_io.CONFIG_FILE).read_text())["model"])
+    model = GPTModel(cfg, ParallelState(), VOCAB).eval()
+    model.load_state_dict(load_file(folder / ckpt_io.model_file(0, 0)))
+    with torch.no_grad():
+        return model(ids)[..., :VOCAB]
+
+
+def test_llama3_rope_scaling_matches_hugging_face_both_directions(tmp_path):
+    """HF → IronCore (convert tool, a model config with the llama3 keys) gives HF's logits to 1e-5;
+    IronCore → HF writes the same rope_parameters and the exported model gives the same logits."""
+    import yaml
+
+    from tools.convert_checkpoint import main
+
+    _llama3_hf_folder(tmp_path / "hf")
+    model_yaml = yaml.safe_load((REPO / "configs" / "model" / "tiny-llama.yaml").read_text())
+    model_yaml["positional_embedding"].update(scaling_type="llama3", scaling_factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_seq_len=32)
+    (tmp_path / "llama3.yaml").write_text(yaml.safe_dump(model_yaml))
+    assert main(["--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt"),
+                 "--model", str(tmp_path / "llama3.yaml")]) == 0
+    ids = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(7))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        want = hf(ids).logits
+        unscaled = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "hf", rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()(ids).logits
+    assert (want - unscaled).abs().max() > 1e-2  # the scaling changes these logits: the comparison means something
+    assert (_checkpoint_logits(tmp_path / "ckpt", ids) - want).abs().max() < 1e-5
+
+    assert main(["--from", "ironcore", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert {k: back.config.rope_parameters[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
+    with torch.no_grad():
+        assert (back(ids).logits - want).abs().max() < 1e-5
+
+
+def test_llama3_keys_must_match_the_hugging_face_checkpoint():
+    """A model config without (or with other) llama3 keys than the checkpoint's is refused, naming them."""
+    hf_config = transformers.LlamaConfig(rope_parameters=dict(LLAMA3_ROPE), max_position_embeddings=128)
+    cfg = model_preset("tiny-llama")
+    with pytest.raises(ValueError, match="scaling_type: config has 'linear', the Hugging Face model has 'llama3'"):
+        check_matches_hf(cfg, hf_config)
+    again = model_config_from_hf(hf_config)[0].positional_embedding
+    assert (again.scaling_type, again.scaling_factor, again.original_max_seq_len) == ("llama3", 8.0, 32)
+    assert hf_config_from_model_config(model_config_from_hf(hf_config)[0], VOCAB).rope_parameters["rope_type"] == \
+        "llama3"

@@ -76,16 +76,6 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
             raise ValueError("LLaMA configs with attention_bias != mlp_bias are not supported (one model.no_bias)")
         if hf_config.hidden_act != "silu":
             raise ValueError(f"LLaMA hidden_act {hf_config.hidden_act!r} is not supported (silu only)")
-        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", "default")
-        if rope_type not in ("default", "linear"):
-            raise ValueError(f"LLaMA rope_type {rope_type!r} is not supported (default, linear)")
-        if float(theta) != int(theta):
-            raise ValueError(f"LLaMA rope_theta {theta} is not supported: model.positional_embedding.base is an "
-                             "integer")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("LLaMA partial_rotary_factor != 1 is not supported (RoPE rotates the whole head)")
         cfg = ModelConfig(
             d_model=hf_config.hidden_size, d_ffn=hf_config.intermediate_size,
             num_layers=hf_config.num_hidden_layers, num_attention_heads=hf_config.num_attention_heads,
@@ -95,10 +85,45 @@ def model_config_from_hf(hf_config: Any) -> tuple[ModelConfig, int]:
             ln_eps=hf_config.rms_norm_eps, activation_type="swiglu", dropout_embd=0.0,
             dropout_attn=hf_config.attention_dropout, dropout_mlp=0.0, no_bias=not hf_config.attention_bias,
             untie_embed=not hf_config.tie_word_embeddings,
-            positional_embedding=PositionalEmbeddingConfig(
-                type="rope", base=int(theta), scaling_factor=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0))
+            positional_embedding=_rope_from_hf(hf_config))
         return cfg, hf_config.vocab_size
     raise ValueError(f"Hugging Face model_type {kind!r} is not supported (gpt2, llama)")
+
+
+def _rope_from_hf(hf_config: Any) -> PositionalEmbeddingConfig:
+    """``model.positional_embedding`` for a LlamaConfig's ``rope_parameters`` (``rope_scaling`` in
+    transformers 4.x): ``default``, ``linear`` and ``llama3``; any other RoPE variant is refused."""
+    rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"LLaMA rope_type {rope_type!r} is not supported (default, linear, llama3)")
+    if float(theta) != int(theta):
+        raise ValueError(f"LLaMA rope_theta {theta} is not supported: model.positional_embedding.base is an "
+                         "integer")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("LLaMA partial_rotary_factor != 1 is not supported (RoPE rotates the whole head)")
+    pe = PositionalEmbeddingConfig(type="rope", base=int(theta))
+    if rope_type == "linear":
+        pe.scaling_factor = float(rope["factor"])
+    if rope_type == "llama3":
+        if rope.get("attention_factor", 1.0) != 1.0:
+            raise ValueError("LLaMA llama3 RoPE with attention_factor != 1 is not supported")
+        pe.scaling_type, pe.scaling_factor = "llama3", float(rope["factor"])
+        pe.low_freq_factor, pe.high_freq_factor = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        pe.original_max_seq_len = int(rope["original_max_position_embeddings"])
+    return pe
+
+
+def _rope_to_hf(pe: PositionalEmbeddingConfig) -> dict[str, Any]:
+    """``rope_parameters`` of a LlamaConfig for ``model.positional_embedding`` (inverse of _rope_from_hf)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(pe.base)}
+    if pe.scaling_type == "llama3":
+        return {**rope, "rope_type": "llama3", "factor": pe.scaling_factor, "low_freq_factor": pe.low_freq_factor,
+                "high_freq_factor": pe.high_freq_factor, "original_max_position_embeddings": pe.original_max_seq_len}
+    if pe.scaling_factor != 1.0:
+        return {**rope, "rope_type": "linear", "factor": pe.scaling_factor}
+    return rope
 
 
 def _refuse(hf_config: Any, supported: dict[str, Any]) -> None:
@@ -126,15 +151,12 @@ def hf_config_from_model_config(cfg: ModelConfig, vocab_size: int, bos_token_id:
             n_head=cfg.num_attention_heads, n_inner=cfg.d_ffn, activation_function="gelu_new",
             layer_norm_epsilon=cfg.ln_eps, embd_pdrop=cfg.dropout_embd, attn_pdrop=cfg.dropout_attn,
             resid_pdrop=cfg.dropout_mlp, **special)
-    pe = cfg.positional_embedding
-    rope = {"rope_type": "default", "rope_theta": float(pe.base)}
-    if pe.scaling_factor != 1.0:
-        rope = {"rope_type": "linear", "rope_theta": float(pe.base), "factor": pe.scaling_factor}
     return transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ffn,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_attention_groups or cfg.num_attention_heads, head_dim=head_dim,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.ln_eps, rope_parameters=rope,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.ln_eps,
+        rope_parameters=_rope_to_hf(cfg.positional_embedding),
         attention_bias=not cfg.no_bias, mlp_bias=not cfg.no_bias, attention_dropout=cfg.dropout_attn,
         tie_word_embeddings=not cfg.untie_embed, hidden_act="silu", **special)
 
@@ -322,6 +344,10 @@ def _shape_of(cfg: ModelConfig) -> dict[str, Any]:
     if pe.type == "rope":
         shape["model.positional_embedding.base"] = pe.base
         shape["model.positional_embedding.scaling_factor"] = pe.scaling_factor
+        shape["model.positional_embedding.scaling_type"] = pe.scaling_type
+        if pe.scaling_type == "llama3":
+            for key in ("low_freq_factor", "high_freq_factor", "original_max_seq_len"):
+                shape[f"model.positional_embedding.{key}"] = getattr(pe, key)
     return shape
 
 

@@ -102,6 +102,15 @@ class PositionalEmbeddingConfig:
     base: int = _f(10000, "RoPE base frequency", minimum=1)
     scaling_factor: float = _f(1.0, "RoPE scaling factor", exclusive_minimum=0)
     offset: int = _f(0, "RoPE position offset", minimum=0)
+    scaling_type: str = _f(
+        "linear", "How `scaling_factor` stretches RoPE (`linear`: positions / factor; `llama3`: Llama 3.1's "
+        "per-frequency scaling)", choices=["linear", "llama3"], added=True)
+    low_freq_factor: float = _f(1.0, "llama3 scaling: wavelengths above original_max_seq_len / this are divided "
+                                "by scaling_factor", added=True, exclusive_minimum=0)
+    high_freq_factor: float = _f(4.0, "llama3 scaling: wavelengths below original_max_seq_len / this are kept",
+                                 added=True, exclusive_minimum=0)
+    original_max_seq_len: int = _f(8192, "llama3 scaling: the context length the model was pretrained with",
+                                   added=True, minimum=1)
 
 
 @dataclass

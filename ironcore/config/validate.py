@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 from ironcore.config.errors import ConfigError
 from ironcore.config.launcher import launcher_vars
-from ironcore.config.schema import GROUPS, Config, OptimConfig, ParallelConfig
+from ironcore.config.schema import GROUPS, Config, OptimConfig, ParallelConfig, PositionalEmbeddingConfig
 
 GPT2_VOCAB_SIZE = 50257
 # Values quoted in messages are cut short (lazily: an alias-expanded list is never printed whole).
@@ -443,6 +443,19 @@ def _run_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[st
     if m.positional_embedding.type == "rope" and isinstance(head_dim, int) and head_dim % 2:
         errors.append(f"model.head_dim = {head_dim} ({origin(prov['model.head_dim'])}): RoPE rotates pairs of "
                       f"channels and needs an even head_dim (model.positional_embedding.type = rope)")
+    _llama3_rope_rule(m.positional_embedding, prov, bad, errors)
+
+
+def _llama3_rope_rule(pe: PositionalEmbeddingConfig, prov: dict[str, str], bad: set[str],
+                      errors: list[str]) -> None:
+    """llama3 RoPE scaling interpolates between low_freq_factor and high_freq_factor: the band must
+    not be empty (HF's formula would divide by zero or invert the band)."""
+    key = "model.positional_embedding.high_freq_factor"
+    if {key, "model.positional_embedding.low_freq_factor", "model.positional_embedding.scaling_type"} & bad:
+        return
+    if pe.scaling_type == "llama3" and pe.high_freq_factor <= pe.low_freq_factor:
+        errors.append(f"{key} = {pe.high_freq_factor} ({origin(prov[key])}): llama3 RoPE scaling needs it above "
+                      f"model.positional_embedding.low_freq_factor = {pe.low_freq_factor}")
 
 
 def _why_inert(cfg: Config) -> dict[str, str]:

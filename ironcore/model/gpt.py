@@ -177,8 +177,7 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(cfg, self.padded_vocab_size, pstate) if self.is_first_stage else None
         self.rotary = None
         if cfg.positional_embedding.type == "rope":
-            pe = cfg.positional_embedding
-            self.rotary = RotaryEmbedding(resolved_head_dim(cfg), pe.base, pe.scaling_factor, pe.offset)
+            self.rotary = RotaryEmbedding(resolved_head_dim(cfg), cfg.positional_embedding)
         self.layers = nn.ModuleList(
             TransformerBlock(cfg, pstate, self.sequence_parallel, use_flash_attn) for _ in range(layers_per_stage))
         self.final_norm = None
