@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ironcore", "ironcore.*"]),
-    package_data={"ironcore": ["assets/*.tiktoken", "assets/*.txt"]},
+    package_data={"ironcore": ["assets/*.tiktoken", "assets/*.txt", "assets/*.jsonl"]},
     include_package_data=True,
     # torch is left unpinned here so GPU clusters keep the build their site provides; CPU machines
     # pin torch==2.13.0 on the install line (see README) to avoid pulling a CUDA build.

@@ -193,7 +193,7 @@ def test_precedence_override_inline_preset_default(tmp_path):
         "  config_path: data.yaml\n"
         "  pad_token_id: 7\n"
         "  task_type: pretrain\n"))
-    cfg, prov = load_config_with_provenance(cfg_file, ["model.num_layers=6", "data.task_type=sft"])
+    cfg, prov = load_config_with_provenance(cfg_file, ["model.num_layers=6", "data.task_type=dpo"])
     preset = str(tmp_path / "presets" / "small.yaml")
     data = str(tmp_path / "data.yaml")
     run = str(tmp_path / "run.yaml")
@@ -203,7 +203,7 @@ def test_precedence_override_inline_preset_default(tmp_path):
     assert (cfg.model.ln_eps, prov["model.ln_eps"]) == (1e-6, f"{preset}:4")
     assert (cfg.model.max_seq_len, prov["model.max_seq_len"]) == (512, "default")
     # override > inline > preset > default in one group
-    assert (cfg.data.task_type, prov["data.task_type"]) == ("sft", "override")
+    assert (cfg.data.task_type, prov["data.task_type"]) == ("dpo", "override")
     assert (cfg.data.pad_token_id, prov["data.pad_token_id"]) == (7, f"{run}:4")
     assert (cfg.data.splits, prov["data.splits"]) == ([0.5, 0.5, 0.0], f"{data}:3")
     assert (cfg.data.pad_to_max_length, prov["data.pad_to_max_length"]) == (False, "default")

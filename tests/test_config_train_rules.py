@@ -22,8 +22,6 @@ CASES = [
      ["optim.lr_scheduler=wsd", "operation.train_steps=10", "optim.warmup_steps=9", "optim.annealing_steps=0"], {},
      "optim.warmup_steps = 9 + wsd decay steps 2 (optim.annealing_steps, or 20% of operation.train_steps when 0) "
      "exceed operation.train_steps = 10"),
-    ("dpo-training", ["data.task_type=dpo"], {},
-     "data.task_type = dpo (set by a command-line override): the trainer has no preference (DPO) loss yet"),
     ("ffn-not-split-by-tp", ["trainer.tensor_model_parallel_size=2", "model.d_ffn=101"], {"WORLD_SIZE": "2"},
      "model.d_ffn = 101 (set by a command-line override): must be divisible by trainer.tensor_model_parallel_size = 2"),
     ("rope-odd-head-dim", ["model.positional_embedding.type=rope", "model.head_dim=63"], {},

@@ -80,12 +80,15 @@ def test_sequence_logps_count_response_tokens_only():
         ("loss_mask", torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]])))}
     per_token = torch.tensor([[9.0, 1.0, 2.0, 9.0], [9.0, 9.0, 3.0, 4.0],  # chosen rows: -log p
                               [9.0, 0.5, 0.5, 9.0], [9.0, 9.0, 1.0, 1.0]])  # rejected rows
-    assert DPO().sequence_logps(per_token, batch).tolist() == [-3.0, -7.0, -1.0, -2.0]
     mb = DPO().model_batch(batch)
     assert set(mb) == {"input_ids", "labels", "loss_mask"} and mb["loss_mask"].shape == (4, 4)
-    loss, metrics = DPO(beta=1.0).loss(per_token, {**batch, "reference_chosen_logps": torch.tensor([-3.0, -7.0]),
-                                                   "reference_rejected_logps": torch.tensor([-1.0, -2.0])})
+    assert DPO().sequence_logps(per_token, mb).tolist() == [-3.0, -7.0, -1.0, -2.0]
+    mb["reference_logps"] = torch.tensor([-3.0, -7.0, -1.0, -2.0])
+    loss, metrics = DPO(beta=1.0).loss(per_token, mb)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and metrics["rewards/margins"].item() == 0.0
+    # Evaluation's sums give the same loss and metrics once divided by the pair count.
+    eval_loss, eval_metrics = DPO(beta=1.0).eval_metrics(DPO(beta=1.0).eval_sums(per_token, mb))
+    assert eval_loss == pytest.approx(math.log(2), abs=1e-7) and eval_metrics["rewards/accuracy"] == 0.0
 
 
 def test_language_modeling_is_the_masked_token_mean():
@@ -111,14 +114,14 @@ def test_a_policy_equal_to_its_reference_costs_ln2_with_zero_rewards(tmp_path):
     policy = build_model(cfg, ParallelState(), tokenizer.vocab_size)
     reference = build_model(cfg, ParallelState(), tokenizer.vocab_size).requires_grad_(False).eval()
 
+    mb = objective.model_batch(batch)
+
     def per_token(model):
-        mb = objective.model_batch(batch)
         return model(mb["input_ids"], labels=mb["labels"])
 
     with torch.no_grad():
-        ref = objective.sequence_logps(per_token(reference), batch)
-    pairs = {"reference_chosen_logps": ref[:4], "reference_rejected_logps": ref[4:]}
-    loss, metrics = objective.loss(per_token(policy), {**batch, **pairs})
+        mb["reference_logps"] = objective.sequence_logps(per_token(reference), mb)
+    loss, metrics = objective.loss(per_token(policy), mb)
     assert abs(loss.item() - math.log(2)) < 1e-6
     assert all(metrics[k].item() == 0.0 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"))
     loss.backward()  # the policy learns from the pairs: its gradient is not zero

@@ -12,9 +12,7 @@ from ironcore.config import DataConfig, ModelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PRESETS = ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt3", "llama", "tiny", "tiny-llama"]
-DATA_PRESETS = ["pretrain_example", "full_owt_pretrain", "sft_example", "shakespeare",
-                pytest.param("dpo_example", marks=pytest.mark.xfail(
-                    strict=True, reason="validation refuses DPO training until the trainer has the loss (issue 17)"))]
+DATA_PRESETS = ["pretrain_example", "full_owt_pretrain", "sft_example", "dpo_example", "shakespeare"]
 GPT2_VOCAB = 50257
 
 # Published shapes: layers, d_model, heads, d_ffn, max_seq_len and the switches that make the family.

@@ -43,25 +43,32 @@ def load_pretrained(cfg: Any, pstate: Any, chunks: list[nn.Module]) -> None:
     source = cfg.trainer.pretrained_checkpoint
     if not source or ckpt_io._resume_iteration(cfg) is not None:
         return
-    path = Path(source)
-    if (path / "config.json").is_file() and not (path / ckpt_io.MANIFEST).is_file():
-        full = _hf_state_dict(cfg, path)
-    else:
-        folder = _ironcore_folder(path)
-        full = _ironcore_state_dict(cfg, pstate, chunks, folder)
-    if full is not None:
-        for chunk in chunks:
-            chunk.load_state_dict(local_state_dict(full, chunk, tp_size=pstate.tp_size, tp_rank=pstate.tp_rank))
+    load_weights(cfg, pstate, chunks, source, _KEY)
     logger.info("initialised the model from %s=%s (step 0, fresh optimizer, schedule and data position)",
                 _KEY, source)
 
 
-def _ironcore_folder(path: Path) -> Path:
+def load_weights(cfg: Any, pstate: Any, chunks: list[nn.Module], source: str, key: str) -> None:
+    """Fill this rank's model `chunks` with the weights of the checkpoint `source` (an IronCore
+    checkpoint or a Hugging Face folder, any layout), whatever ``model_path`` holds; `key` is the
+    config key that named it, for the errors. Collective."""
+    path = Path(source)
+    if (path / "config.json").is_file() and not (path / ckpt_io.MANIFEST).is_file():
+        full = _hf_state_dict(cfg, path, key)
+    else:
+        folder = _ironcore_folder(path, key)
+        full = _ironcore_state_dict(cfg, pstate, chunks, folder, key)
+    if full is not None:
+        for chunk in chunks:
+            chunk.load_state_dict(local_state_dict(full, chunk, tp_size=pstate.tp_size, tp_rank=pstate.tp_rank))
+
+
+def _ironcore_folder(path: Path, key: str) -> Path:
     if (path / ckpt_io.MANIFEST).is_file():
         return path
     iteration = ckpt_io.read_latest(path) if path.is_dir() else None
     if iteration is None:
-        raise ConfigError([f"{_KEY} = {str(path)!r}: not a checkpoint; allowed: an IronCore model_path (holding "
+        raise ConfigError([f"{key} = {str(path)!r}: not a checkpoint; allowed: an IronCore model_path (holding "
                            f"'{ckpt_io.LATEST}'), one iter_NNNNNNN folder, or a Hugging Face folder (config.json)"])
     return ckpt_io.checkpoint_dir(path, iteration)
 
@@ -70,16 +77,16 @@ def _vocab_size(chunks: list[nn.Module]) -> int:
     return chunks[0].vocab_size
 
 
-def _hf_state_dict(cfg: Any, path: Path) -> dict[str, torch.Tensor]:
+def _hf_state_dict(cfg: Any, path: Path, key: str) -> dict[str, torch.Tensor]:
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(str(path))
     try:
         check_matches_hf(cfg.model, hf_config)
     except ValueError as err:
-        raise ConfigError([f"{_KEY} = {str(path)!r}: {err}"]) from None
+        raise ConfigError([f"{key} = {str(path)!r}: {err}"]) from None
     if cfg.data.vocab_size not in (None, hf_config.vocab_size):
-        raise ConfigError([f"{_KEY} = {str(path)!r}: the Hugging Face model has vocab_size {hf_config.vocab_size}, "
+        raise ConfigError([f"{key} = {str(path)!r}: the Hugging Face model has vocab_size {hf_config.vocab_size}, "
                            f"data.vocab_size is {cfg.data.vocab_size}"])
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
     state = {k: v.float() for k, v in hf_model.state_dict().items()}
@@ -87,7 +94,7 @@ def _hf_state_dict(cfg: Any, path: Path) -> dict[str, torch.Tensor]:
     return hf_to_full(state, cfg.model)
 
 
-def _ironcore_state_dict(cfg: Any, pstate: Any, chunks: list[nn.Module], folder: Path):
+def _ironcore_state_dict(cfg: Any, pstate: Any, chunks: list[nn.Module], folder: Path, key: str):
     """The whole-model state dict of a single-file checkpoint, or None after loading a distributed
     one straight into `chunks`."""
     manifest = ckpt_io.read_manifest(folder)
@@ -98,7 +105,7 @@ def _ironcore_state_dict(cfg: Any, pstate: Any, chunks: list[nn.Module], folder:
     saved, current = common["model_shape"], ckpt_io.model_shape(cfg, _vocab_size(chunks))
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differing:
-        raise ConfigError([f"{_KEY} = {str(folder)!r} was saved for another model: "
+        raise ConfigError([f"{key} = {str(folder)!r} was saved for another model: "
                            + ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
                                        for k in differing)])
     layout = common["layout"]
@@ -111,7 +118,7 @@ def _ironcore_state_dict(cfg: Any, pstate: Any, chunks: list[nn.Module], folder:
     tp_size, pp_size = layout["tp_size"], layout["pp_size"]
     names = {(pp, tp): ckpt_io.model_file(tp, pp) for pp in range(pp_size) for tp in range(tp_size)}
     ckpt_io._require_listed(folder, manifest, *names.values())
-    shards = {key: ckpt_io._torch_load(folder / name) for key, name in names.items()}
+    shards = {place: ckpt_io._torch_load(folder / name) for place, name in names.items()}
     # The shards are padded as the saved run padded its vocabulary.
     padding = (yaml.safe_load((folder / ckpt_io.CONFIG_FILE).read_text()) or {})["trainer"]["vocab_padding_unit"]
     with ckpt_io._reading(folder):

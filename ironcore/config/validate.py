@@ -387,9 +387,15 @@ def _fsdp_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
 
 
 def _dpo_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
-    """The ``trainer.dpo_*`` keys act only on a DPO run, and label smoothing only on the sigmoid loss."""
+    """The ``trainer.dpo_*`` keys act only on a DPO run, label smoothing only on the sigmoid loss,
+    and DPO does not run under context parallelism."""
     t, defaults = cfg.trainer, type(cfg.trainer)()
     task = f"data.task_type = {describe(cfg.data.task_type)} ({origin(prov['data.task_type'])})"
+    if cfg.data.task_type == "dpo" and t.context_parallel_size > 1:
+        # A DPO loss needs each row's whole-sequence log-prob on one rank; CP would shard the rows.
+        errors.append(f"trainer.context_parallel_size = {t.context_parallel_size} "
+                      f"({origin(prov['trainer.context_parallel_size'])}) with {task}: DPO sums each response's "
+                      "log-probs over the whole sequence and does not run with context parallelism yet; allowed: 1")
     if cfg.data.task_type != "dpo":
         for name in ("dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "dpo_reference_checkpoint"):
             if getattr(t, name) != getattr(defaults, name):
@@ -431,9 +437,6 @@ def _run_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[st
         problem = schedule_problem(cfg.optim, cfg.operation.train_steps)
         if problem:
             errors.append(problem)
-    if cfg.data.task_type == "dpo":
-        errors.append(f"data.task_type = dpo ({origin(prov['data.task_type'])}): the trainer has no preference (DPO) "
-                      f"loss yet; allowed for training: pretrain, sft (DPO data can be prepared and loaded)")
     if "trainer.tensor_model_parallel_size" not in bad:
         _divides(errors, bad, prov, "model.d_ffn", m.d_ffn, tp, "trainer.tensor_model_parallel_size")
         if p.sequence_parallel and tp > 1:
@@ -495,14 +498,10 @@ def _context_parallel_rules(cfg: Config, prov: dict[str, str], bad: set[str], er
         split, why = split * tp, why[:-1] + ", split again over TP by parallel.sequence_parallel)"
     _divides(errors, bad, prov, "model.max_seq_len", cfg.model.max_seq_len, split,
              f"2 × trainer.context_parallel_size" + (" × tensor_model_parallel_size" if split > 2 * cp else ""), why)
-    task = cfg.data.task_type
-    if task == "sft" and not cfg.data.pad_to_max_length:
+    if cfg.data.task_type == "sft" and not cfg.data.pad_to_max_length:
         errors.append(f"data.pad_to_max_length = false ({origin(prov['data.pad_to_max_length'])}) with data.task_type "
                       f"= sft and {cp_text}: packed SFT rows need segment masks, which ring attention does not "
                       "take; set data.pad_to_max_length: true (rows of max_seq_len tokens) or context_parallel_size: 1")
-    if task == "dpo":
-        errors.append(f"data.task_type = dpo ({origin(prov['data.task_type'])}) with {cp_text}: DPO's sequence "
-                      "log-probabilities are not summed over the CP group yet; allowed with DPO: 1")
 
 
 def check_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:

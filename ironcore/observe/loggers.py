@@ -3,10 +3,12 @@
 One ``TrainingLogger`` per process; only global rank 0 writes anything (the metrics it receives
 are already reduced over the ranks that matter). Each sink is opened only when configured:
 
-* console: one line per logged step (SPEC §6) through the ``ironcore`` logger;
+* console: one line per logged step (SPEC §6) through the ``ironcore`` logger (with DPO's
+  ``rewards/*`` when the objective reports them);
 * ``metrics.jsonl`` in ``trainer.model_path``: one JSON object per logged step
   (``step, loss, lr, tokens_per_s, mfu`` and whatever else was measured) and per evaluation
-  (``step, eval_loss, eval_ppl`` / ``test_loss``); skipped when ``model_path`` is empty;
+  (``step, eval_loss, eval_ppl`` / ``test_loss``; DPO: ``eval_loss`` and ``eval_rewards/*``, no
+  perplexity); skipped when ``model_path`` is empty;
 * TensorBoard: ``utils.tensorboard_dir``, scalars under ``train/`` and ``eval/`` / ``test/``, and
   the resolved config and the run metadata (``ironcore.observe.run_info``) as text;
 * MLflow: ``utils.mlflow_tracking_uri`` (an HTTP server, ``file:`` or ``sqlite:`` store), the
@@ -32,7 +34,6 @@ import yaml
 from ironcore.config import ConfigError
 
 logger = logging.getLogger("ironcore.train")
-
 
 class LoggerError(RuntimeError):
     """A metrics sink that cannot be opened (unwritable TensorBoard folder, unreachable MLflow server):
@@ -107,6 +108,8 @@ def format_step_line(step: int, train_steps: int, m: dict) -> str:
     parts.append("MFU " + (f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "unknown"))
     if m.get("peak_memory_gib") is not None:
         parts.append(f"peak_mem {m['peak_memory_gib']:.2f} GiB")
+    # DPO's implicit rewards (TRL's names: rewards/chosen, .../rejected, .../margins, .../accuracy)
+    parts += [f"{k} {v:.4f}" for k, v in m.items() if k.startswith("rewards/")]
     if m.get("skipped_steps"):
         parts.append(f"skipped {m['skipped_steps']}")
     parts.append(f"elapsed {_hms(m['elapsed_s'])} eta {_hms(m['eta_s'])}")
@@ -222,12 +225,20 @@ class TrainingLogger:
         logger.info(format_step_line(step, self.train_steps, metrics))
         self._write({"step": step, **metrics}, "train")
 
-    def log_eval(self, step: int, split: str, loss: float, ppl: float) -> None:
-        """An evaluation of ``split`` (``eval`` or ``test``) at ``step``."""
+    def log_eval(self, step: int, split: str, loss: float, ppl: Optional[float],
+                 metrics: Optional[dict[str, float]] = None) -> None:
+        """An evaluation of ``split`` (``eval`` or ``test``) at ``step``: the loss, its perplexity
+        (language modeling; None for DPO) and the objective's metrics (DPO: ``rewards/*``), each
+        recorded as ``{split}_{name}``."""
         if not self.active:
             return
-        logger.info("%s at step %d | %s_loss %.4f | %s_ppl %.2f", split, step, split, loss, split, ppl)
-        self._write({"step": step, f"{split}_loss": loss, f"{split}_ppl": ppl}, split)
+        record = {f"{split}_loss": loss}
+        if ppl is not None:
+            record[f"{split}_ppl"] = ppl
+        record.update({f"{split}_{name}": value for name, value in (metrics or {}).items()})
+        logger.info("%s at step %d | %s", split, step,
+                    " | ".join(f"{k} {v:.2f}" if k.endswith("_ppl") else f"{k} {v:.4f}" for k, v in record.items()))
+        self._write({"step": step, **record}, split)
 
     def log_checkpoint(self, step: int, path: str, norms: dict) -> None:
         """A saved checkpoint, with the norms whose cadence is ``checkpoint``."""

@@ -12,7 +12,9 @@ fixed order, for the trainer, ``ironcore eval``, generation and ``tools/benchmar
 4. the optimizer (sharded over DP with ``parallel.use_distributed_optimizer``), LR schedule and
    fp16 loss scaler;
 5. resume from ``trainer.model_path`` (weights, optimizer, schedule, scaler; the data position and
-   RNG states are returned for the loop to apply).
+   RNG states are returned for the loop to apply);
+6. for DPO (``data.task_type: dpo``, "train" and "eval"), the frozen reference model: chunks of the
+   same TP/PP layout (`build_reference`), outside the optimizer and the checkpoints.
 
 Context parallelism will slot in at 3, before recompute, when the training loop splits sequences.
 """
@@ -56,6 +58,7 @@ class Run:
     scaler: Optional[torch.amp.GradScaler] = None
     resumed: Optional[dict] = None   # {"iteration", "data_state", "rng_state"} after a resume
     embedding_group: Optional[dist.ProcessGroup] = None
+    reference: Optional[list[nn.Module]] = None  # DPO: the frozen reference's chunks (same layout)
 
     def __post_init__(self) -> None:
         # The chunk, or an nn.ModuleList of this rank's chunks: what the optimizer, checkpoints
@@ -89,6 +92,7 @@ def build_run(cfg: Config, pstate: ParallelState, mode: str = "train", tokenizer
         run.stages = parallelize(chunks, cfg, pstate, training=False)
         if cfg.trainer.model_path:
             run.resumed = load_checkpoint(cfg, pstate, run.model, None, None, None)
+        run.reference = build_reference(cfg, pstate, vocab_size)
         return run
     load_pretrained(cfg, pstate, chunks)  # trainer.pretrained_checkpoint, unless resuming
     run.stages = parallelize(chunks, cfg, pstate, training=True)
@@ -106,7 +110,40 @@ def build_run(cfg: Config, pstate: ParallelState, mode: str = "train", tokenizer
         # make the scaler hold its scale on every rank.
         run.scaler.scale(torch.zeros((), device=pstate.device))
     run.embedding_group = build_embedding_group(pstate, not cfg.model.untie_embed)
+    run.reference = build_reference(cfg, pstate, vocab_size)
     return run
+
+
+def reference_source(cfg: Config) -> tuple[Optional[str], str]:
+    """(checkpoint, the key naming it) of the DPO reference's weights: ``trainer.dpo_reference_checkpoint``,
+    else ``trainer.pretrained_checkpoint``, else (None, ...): the initialization from ``init.seed``."""
+    t = cfg.trainer
+    if t.dpo_reference_checkpoint:
+        return t.dpo_reference_checkpoint, "trainer.dpo_reference_checkpoint"
+    if t.pretrained_checkpoint:
+        return t.pretrained_checkpoint, "trainer.pretrained_checkpoint"
+    return None, "init.seed"
+
+
+def build_reference(cfg: Config, pstate: ParallelState, vocab_size: int) -> Optional[list[nn.Module]]:
+    """DPO's frozen reference: this rank's chunks at the policy's TP/PP layout, in eval mode, without
+    gradients, compiled when asked but never wrapped for data parallelism (it has no gradients to
+    reduce). None unless ``data.task_type`` is dpo. Its weights are the policy's *initial* ones
+    (`reference_source`), never the resumed policy's: building from the seed again (or reading the
+    same checkpoint) gives the same reference at step 0 and after any resume. Collective."""
+    from ironcore.checkpoint.pretrained import load_weights
+    from ironcore.model import build_model, model_stages
+
+    if cfg.data.task_type != "dpo":
+        return None
+    chunks = [build_model(cfg, pstate, vocab_size, stage) for stage in model_stages(cfg, pstate)]
+    source, key = reference_source(cfg)
+    if source is not None:
+        load_weights(cfg, pstate, chunks, source, key)
+    for chunk in chunks:
+        chunk.requires_grad_(False).eval()
+    logger.info("DPO reference model: %s (frozen)", f"{key}={source}" if source else "the initialization (init.seed)")
+    return parallelize(chunks, cfg, pstate, training=False)
 
 
 def parallelize(chunks: list[nn.Module], cfg: Config, pstate: ParallelState, training: bool) -> list[nn.Module]:

@@ -39,7 +39,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ironcore.checkpoint.io import claim_model_path, set_rng_state
-from ironcore.config import Config, ConfigError, to_dict
+from ironcore.config import Config, to_dict
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.run_info import collect_run_info
@@ -62,7 +62,7 @@ from ironcore.parallel.state import ParallelState, destroy_distributed, init_dis
 from ironcore.training.build import build_run
 from ironcore.training.evaluate import evaluate
 from ironcore.training.precision import autocast, compute_dtype
-from ironcore.training.objectives import build_objective
+from ironcore.training.objectives import LanguageModeling, add_reference_logps, build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class StepResult:
     skipped: bool        # no update: fp16 found inf/NaN gradients, or a skipped non-finite loss
     tokens: int          # tokens of the whole step, all DP ranks
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's (DPO: rewards/*), averaged
 
 
 def train(cfg: Config, provenance: Optional[dict[str, str]] = None) -> dict:
@@ -150,9 +151,6 @@ class Trainer:
 
         self.cfg, self.pstate = cfg, pstate
         _configure_logging(cfg.utils.log_level, pstate.rank)
-        if cfg.data.task_type == "dpo":
-            raise ConfigError(["data.task_type = 'dpo': the trainer has no preference (DPO) loss yet; "
-                               "allowed for training: pretrain, sft (DPO data can be prepared and loaded)"])
         self.objective = build_objective(cfg, pstate.cp_group)
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
@@ -162,6 +160,8 @@ class Trainer:
         self.chunks, self.stages, self.model = run.chunks, run.stages, run.model
         self.optimizer, self.scheduler, self.scaler = run.optimizer, run.scheduler, run.scaler
         self.embedding_group = run.embedding_group
+        self.reference = run.reference  # DPO's frozen reference chunks, else None
+        self.step_metrics: list[dict[str, torch.Tensor]] = []  # the objective's, per micro-batch of a step
         resumed = run.resumed
         self.step = resumed["iteration"] if resumed else 0
         self.rng_state = resumed["rng_state"] if resumed else None  # restored by run(), last
@@ -190,35 +190,54 @@ class Trainer:
         with autocast(self.cfg.model.precision, self.pstate.device), phase("forward"):
             return model(**batch_inputs(batch, self.pstate.device), hidden_states=hidden_states)
 
-    def _masked_mean(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
-        return self.objective.loss(per_token, batch)[0]
+    def _loss(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        loss, step_metrics = self.objective.loss(per_token, batch)
+        self.step_metrics.append(step_metrics)
+        return loss
+
+    def _pipeline_options(self) -> dict:
+        cfg = self.cfg
+        return dict(hidden_size=cfg.model.d_model, sequence_parallel=cfg.parallel.sequence_parallel,
+                    forward_step=self._forward_step, timeout_minute=cfg.parallel.timeout_minute)
 
     def forward_backward(self) -> tuple[torch.Tensor, int]:
-        """Forward and backward over the step's micro-batches; returns (the step's mean loss, the
-        last stage's, on every stage; this rank's token count)."""
+        """Forward and backward over the step's micro-batches; returns (the step's mean loss
+        followed by the means of the objective's metrics, the last stage's, on every stage; this
+        rank's token count)."""
         cfg, pstate = self.cfg, self.pstate
-        tokens = 0
-
-        def micro_batches():
-            nonlocal tokens
-            while True:
-                batch = next(self.loader)
-                tokens += batch["input_ids"].numel()  # this replica's tokens, all its CP ranks' together
-                yield shard_batch(batch, pstate.cp_size, pstate.cp_rank)
-
+        m = cfg.trainer.gradient_accumulation_steps
+        # Drawn up front (the schedule would draw the same m, in order): DPO's reference runs on them first.
+        batches = [self.objective.model_batch(next(self.loader)) for _ in range(m)]
+        tokens = sum(batch["input_ids"].numel() for batch in batches)  # this replica's, all its CP ranks' together
+        batches = [shard_batch(batch, pstate.cp_size, pstate.cp_rank) for batch in batches]
+        if self.reference is not None:
+            with phase("reference"):
+                add_reference_logps(self.objective, self.reference, batches, pstate,
+                                    schedule=cfg.parallel.pipeline_schedule, **self._pipeline_options())
+        self.step_metrics = []
         losses = pipeline.forward_backward(
-            cfg.parallel.pipeline_schedule, self.stages, micro_batches(), cfg.trainer.gradient_accumulation_steps,
-            pstate, self._masked_mean, hidden_size=cfg.model.d_model, sequence_parallel=cfg.parallel.sequence_parallel,
-            forward_step=self._forward_step, scale_loss=self.scaler.scale if self.scaler is not None else None,
-            timeout_minute=cfg.parallel.timeout_minute)
-        return pipeline.last_stage_mean(losses, pstate, pstate.device), tokens
+            cfg.parallel.pipeline_schedule, self.stages, iter(batches), m, pstate, self._loss,
+            scale_loss=self.scaler.scale if self.scaler is not None else None, **self._pipeline_options())
+        return self._last_stage_means(losses), tokens
 
-    def _check_and_average(self, local_loss: torch.Tensor, stop: "_StopSignal") -> tuple[float, bool]:
-        """DP- (and CP-) averaged loss (NaN when any rank's loss is non-finite and
-        ``trainer.skip_nonfinite_steps`` is on; otherwise such a loss raises). Also agrees across all
-        ranks on whether a stop signal arrived (any rank's signal stops every rank at the same step)."""
+    def _last_stage_means(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """``[loss, *metrics]``, each the mean over the micro-batches, from the last stage on every stage
+        (one broadcast), so rank 0 can log them and every rank sees a NaN."""
+        names = self.objective.metric_names
+        if not losses:
+            return pipeline.broadcast_from_last_stage(torch.zeros(1 + len(names), device=self.pstate.device),
+                                                      self.pstate)
+        columns = [torch.stack(losses)] + [torch.stack([mb[n] for mb in self.step_metrics]) for n in names]
+        return pipeline.broadcast_from_last_stage(torch.stack([c.float().mean() for c in columns]), self.pstate)
+
+    def _check_and_average(self, local: torch.Tensor, stop: "_StopSignal") -> tuple[float, dict[str, float], bool]:
+        """DP- (and CP-) averaged loss and metrics (from ``[loss, *metrics]``; the loss is NaN when any rank's
+        loss is non-finite and ``trainer.skip_nonfinite_steps`` is on; otherwise such a loss raises).
+        Also agrees across all ranks on whether a stop signal arrived (any rank's signal stops every
+        rank at the same step)."""
         pstate = self.pstate
-        averaged = local_loss.detach().float().clone()
+        local_loss = local[0]
+        averaged = local.detach().float().clone()
         if pstate.dp_cp_group is not None:  # CP ranks' losses average to the token mean (objectives.py)
             dist.all_reduce(averaged, group=pstate.dp_cp_group)
             averaged /= pstate.dp_cp_size
@@ -238,15 +257,16 @@ class Trainer:
             if pstate.rank == 0:
                 logger.warning("training loss is %s %s: skipping this step's update "
                                "(trainer.skip_nonfinite_steps)", value, where)
-            return math.nan, no_signal == 0
-        return averaged.item(), no_signal == 0
+            return math.nan, {}, no_signal == 0
+        values = averaged.tolist()
+        return values[0], dict(zip(self.objective.metric_names, values[1:])), no_signal == 0
 
     def train_step(self, stop: "_StopSignal") -> tuple[StepResult, bool]:
         """One optimizer step; returns its result and whether a stop signal was received."""
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        local_loss, tokens = self.forward_backward()
-        loss, signalled = self._check_and_average(local_loss, stop)
+        local, tokens = self.forward_backward()
+        loss, step_metrics, signalled = self._check_and_average(local, stop)
         if math.isnan(loss):  # skipped non-finite step: its data is consumed, nothing is updated
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -280,7 +300,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         seconds = time.perf_counter() - t0
-        return StepResult(loss, lr, grad_norm, skipped, tokens * self.pstate.dp_size, seconds), signalled
+        return StepResult(loss, lr, grad_norm, skipped, tokens * self.pstate.dp_size, seconds, step_metrics), signalled
 
     def _finalize_grads(self) -> None:
         """Whole gradients fixed up (sequence-parallel and tied-embedding sums), reduced over DP."""
@@ -314,15 +334,16 @@ class Trainer:
         samples = cfg.operation.eval_samples if split == "eval" else cfg.operation.test_samples
         batch = cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size
         with phase(split):
-            result = evaluate(self.model, self.datasets[split], samples, batch, self.pstate, cfg.model.precision)
+            result = evaluate(self.model, self.datasets[split], samples, batch, self.pstate, cfg.model.precision,
+                              self.objective, self.reference)
         if result is None:
             if not (split == "eval" and self.warned_no_eval):
                 logger.warning("no %s data: the %s split is empty (data.splits / data.%s_datasets) or "
                                "operation.%s_samples is 0; skipping %s", split, split, split, split, split)
             self.warned_no_eval |= split == "eval"
             return None
-        self.log.log_eval(self.step, split, *result)
-        return result[0]
+        self.log.log_eval(self.step, split, result.loss, result.ppl, result.metrics)
+        return result.loss
 
     def _save(self) -> Optional[str]:
         from ironcore.checkpoint.io import save_checkpoint
@@ -362,6 +383,8 @@ class Trainer:
             "elapsed_s": elapsed,
             "eta_s": per_step * (cfg.operation.train_steps - self.step),
         }
+        for name in self.objective.metric_names:
+            record[name] = sum(r.metrics[name] for r in window) / len(window)
         if cfg.trainer.grad_norm_log_interval == "log" and window[-1].grad_norm is not None:
             record["grad_norm"] = window[-1].grad_norm
         if cfg.trainer.param_norm_log_interval == "log":
@@ -454,7 +477,8 @@ class Trainer:
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "eval_loss": eval_loss,
-            "eval_ppl": math.exp(min(eval_loss, 700.0)) if eval_loss is not None else None,
+            "eval_ppl": (math.exp(min(eval_loss, 700.0))
+                         if eval_loss is not None and isinstance(self.objective, LanguageModeling) else None),
             "test_loss": test_loss,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu,
