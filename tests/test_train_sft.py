@@ -75,11 +75,3 @@ def test_a_fixed_response_is_learned(tmp_path, sft_prefix):
     assert summary["steps"] == 40
     assert summary["first_loss"] - summary["final_loss"] > 3.0
 
-
-def test_dpo_training_is_refused_with_a_config_error(tmp_path, sft_prefix):
-    from ironcore.config import ConfigError
-
-    cfg = _config(tmp_path, sft_prefix, steps=1)
-    cfg.data.task_type = "dpo"
-    with pytest.raises(ConfigError, match="data.task_type = 'dpo': the trainer has no preference"):
-        train(cfg)
