@@ -1,6 +1,6 @@
-"""Context parallelism through the training loop: `ironcore train` at CP=2 and at TP=2 × CP=2
-follows the single-process loss trajectory (training and eval losses to 1e-5, absolute positions,
-and RoPE with GQA); a checkpoint saved at CP=2 resumes at CP=1 and one saved at CP=1 resumes at
+"""Context parallelism through the training loop: `ironcore train` at CP=2, at TP=2 × CP=2, and
+with FSDP or the distributed optimizer sharding over the CP ranks, follows the single-process loss
+trajectory (training and eval losses to 1e-5, absolute positions, and RoPE with GQA); a checkpoint saved at CP=2 resumes at CP=1 and one saved at CP=1 resumes at
 CP=2, on the same trajectory; validation names what CP needs."""
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def references(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name, ranks, overrides, reference", [
     ("cp2", 2, [CP2], "gpt"),
     ("tp2_cp2_rope_gqa", 4, [CP2, TP2, *LLAMA], "llama"),
+    ("cp2_fsdp", 2, [CP2, "parallel.use_fsdp=true"], "gpt"),
+    ("cp2_distributed_optimizer", 2, [CP2, "parallel.use_distributed_optimizer=true"], "gpt"),
 ])
 def test_cp_training_follows_the_single_process(tmp_path, references, name, ranks, overrides, reference):
     _run(tmp_path, name, ranks, overrides)
