@@ -293,7 +293,8 @@ def model_shape(cfg, vocab_size: Optional[int] = None) -> dict:
 
 def _layout(cfg, pstate) -> dict:
     return {"tp_size": pstate.tp_size, "pp_size": pstate.pp_size, "dp_size": pstate.dp_size,
-            "cp_size": pstate.cp_size, "world_size": pstate.world_size, "format": "dist" if cfg.operation.save_dist_ckpt else "single"}
+            "cp_size": pstate.cp_size, "world_size": pstate.world_size,
+            "format": "dist" if cfg.operation.save_dist_ckpt else "single"}
 
 
 def _model_vocab_size(model: torch.nn.Module) -> Optional[int]:

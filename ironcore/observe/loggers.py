@@ -35,6 +35,7 @@ from ironcore.config import ConfigError
 
 logger = logging.getLogger("ironcore.train")
 
+
 class LoggerError(RuntimeError):
     """A metrics sink that cannot be opened (unwritable TensorBoard folder, unreachable MLflow server):
     one line naming it; the command line exits with status 1."""

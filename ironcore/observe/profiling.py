@@ -32,7 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # The names `phase` is called with, so traces from every layout read the same (profile_summary uses them).
-PHASES = ("forward", "backward", "optimizer", "grad-reduce", "eval", "test", "checkpoint",
+PHASES = ("forward", "backward", "optimizer", "grad-reduce", "reference", "eval", "test", "checkpoint",
           "pp-send-forward", "pp-recv-forward", "pp-send-backward", "pp-recv-backward")
 STEP_PREFIX = "ProfilerStep#"
 _MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept; bounds the snapshot's size

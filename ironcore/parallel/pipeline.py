@@ -595,9 +595,11 @@ def broadcast_from_last_stage(value: torch.Tensor, pstate: ParallelState) -> tor
     return value
 
 
-def last_stage_mean(losses: list[torch.Tensor], pstate: ParallelState, device: torch.device) -> torch.Tensor:
-    """The mean of the last stage's per-micro-batch losses (from `forward_backward`), on every rank
-    of the pipeline group, so rank 0 can log it and every rank sees a NaN. Collective over the
-    pipeline group."""
-    value = torch.stack(losses).float().mean() if losses else torch.zeros((), device=device)
+def last_stage_mean(losses: list[torch.Tensor], pstate: ParallelState, device: torch.device,
+                    shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """The mean over micro-batches of the last stage's per-micro-batch values (the losses from
+    `forward_backward`, or vectors of ``shape`` such as ``[loss, *metrics]``), on every rank of the
+    pipeline group, so rank 0 can log it and every rank sees a NaN. Collective over the pipeline
+    group."""
+    value = torch.stack(losses).float().mean(0) if losses else torch.zeros(shape, device=device)
     return broadcast_from_last_stage(value, pstate)

@@ -60,9 +60,9 @@ from ironcore.parallel.context import shard_batch
 from ironcore.parallel.distributed_optimizer import is_distributed_optimizer, optimizer_state_bytes
 from ironcore.parallel.state import ParallelState, destroy_distributed, init_distributed
 from ironcore.training.build import build_run
-from ironcore.training.evaluate import evaluate
+from ironcore.training.evaluate import EvalResult, evaluate
 from ironcore.training.precision import autocast, compute_dtype
-from ironcore.training.objectives import LanguageModeling, add_reference_logps, build_objective
+from ironcore.training.objectives import add_reference_logps, build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +224,9 @@ class Trainer:
         """``[loss, *metrics]``, each the mean over the micro-batches, from the last stage on every stage
         (one broadcast), so rank 0 can log them and every rank sees a NaN."""
         names = self.objective.metric_names
-        if not losses:
-            return pipeline.broadcast_from_last_stage(torch.zeros(1 + len(names), device=self.pstate.device),
-                                                      self.pstate)
-        columns = [torch.stack(losses)] + [torch.stack([mb[n] for mb in self.step_metrics]) for n in names]
-        return pipeline.broadcast_from_last_stage(torch.stack([c.float().mean() for c in columns]), self.pstate)
+        rows = [torch.stack([loss.float(), *(metrics[n].float() for n in names)])
+                for loss, metrics in zip(losses, self.step_metrics)]  # both empty on other stages
+        return pipeline.last_stage_mean(rows, self.pstate, self.pstate.device, shape=(1 + len(names),))
 
     def _check_and_average(self, local: torch.Tensor, stop: "_StopSignal") -> tuple[float, dict[str, float], bool]:
         """DP- (and CP-) averaged loss and metrics (from ``[loss, *metrics]``; the loss is NaN when any rank's
@@ -329,7 +327,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ around the steps
 
-    def _eval(self, split: str) -> Optional[float]:
+    def _eval(self, split: str) -> Optional[EvalResult]:
         cfg = self.cfg
         samples = cfg.operation.eval_samples if split == "eval" else cfg.operation.test_samples
         batch = cfg.trainer.eval_batch_size or cfg.trainer.micro_batch_size
@@ -343,7 +341,7 @@ class Trainer:
             self.warned_no_eval |= split == "eval"
             return None
         self.log.log_eval(self.step, split, result.loss, result.ppl, result.metrics)
-        return result.loss
+        return result
 
     def _save(self) -> Optional[str]:
         from ironcore.checkpoint.io import save_checkpoint
@@ -402,13 +400,13 @@ class Trainer:
         started, start_step = time.perf_counter(), self.step
         window: list[StepResult] = []
         losses: list[float] = []
-        eval_loss = test_loss = None
+        evaluated = tested = None
         stopped_by = "train_steps"
         total_tokens, total_seconds = 0, 0.0
         if self.step >= op.train_steps:
             logger.info("nothing to train: resumed at step %d >= operation.train_steps (%d)", self.step, op.train_steps)
         elif cfg.trainer.do_eval and self.step == 0:
-            eval_loss = self._eval("eval")  # the baseline before any update
+            evaluated = self._eval("eval")  # the baseline before any update
         self.model.train()
         if self.rng_state is not None:
             # The resumed RNG streams are restored only now, right before the first step: nothing
@@ -438,7 +436,7 @@ class Trainer:
                         stopped_by = f"signal ({stop.received or 'on another rank'})"
                         break
                     if cfg.trainer.do_eval and self.step % op.eval_interval == 0:
-                        eval_loss = self._eval("eval")
+                        evaluated = self._eval("eval")
                     if self.step % cfg.trainer.save_checkpoint_steps == 0:
                         self._save()
                     if op.exit_interval and self.step % op.exit_interval == 0:
@@ -455,19 +453,22 @@ class Trainer:
                     self._save()
                 if not stopped_by.startswith("signal"):
                     if cfg.trainer.do_eval and self.step > start_step and self.step % op.eval_interval != 0:
-                        eval_loss = self._eval("eval")
+                        evaluated = self._eval("eval")
                     if cfg.trainer.do_eval or cfg.trainer.do_test:
-                        test_loss = self._eval("test")
+                        tested = self._eval("test")
             except BaseException:
                 self.log.close(failed=True)
                 raise
             finally:
                 self.profiler.close()
                 self.log.close()
-        return self._summary(losses, eval_loss, test_loss, self.last_checkpoint, stopped_by, total_tokens,
+        return self._summary(losses, evaluated, tested, self.last_checkpoint, stopped_by, total_tokens,
                              total_seconds, time.perf_counter() - started)
 
-    def _summary(self, losses, eval_loss, test_loss, checkpoint, stopped_by, tokens, seconds, elapsed) -> dict:
+    def _summary(self, losses, evaluated: Optional[EvalResult], tested: Optional[EvalResult], checkpoint,
+                 stopped_by, tokens, seconds, elapsed) -> dict:
+        eval_loss = evaluated.loss if evaluated is not None else None
+        test_loss = tested.loss if tested is not None else None
         tokens_per_s = tokens / seconds if seconds else 0.0
         peak = self.throughput.peak_flops
         mfu = tokens_per_s * self.throughput.flops_per_token / self.pstate.world_size / peak if peak else None
@@ -477,8 +478,7 @@ class Trainer:
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "eval_loss": eval_loss,
-            "eval_ppl": (math.exp(min(eval_loss, 700.0))
-                         if eval_loss is not None and isinstance(self.objective, LanguageModeling) else None),
+            "eval_ppl": evaluated.ppl if evaluated is not None else None,
             "test_loss": test_loss,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu,
