@@ -26,6 +26,8 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "safetensors>=0.4"],
         "gpu": ["flash-attn>=2.5"],
+        # optional test peers: the DPO loss is checked against TRL's when it is installed
+        "peers": ["trl>=1.0"],
     },
     entry_points={"console_scripts": ["ironcore=ironcore.cli:main"]},
 )

@@ -20,6 +20,7 @@ from tests.train_helpers import write_config
 # Hand-made sequence log-probs of three pairs (policy and reference, chosen and rejected).
 PC, PR = [-5.0, -7.5, -3.0], [-6.0, -6.5, -9.0]
 RC, RR = [-5.5, -6.8, -4.0], [-5.8, -6.0, -8.0]
+NC, NR = [4, 7, 2], [5, 3, 6]  # response token counts (IPO averages over them)
 BETA = 0.3
 
 
@@ -31,21 +32,21 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def _logits() -> list[float]:
-    return [(pc - pr) - (rc - rr) for pc, pr, rc, rr in zip(PC, PR, RC, RR)]
-
-
-# Per pair: (loss, d loss / d policy_chosen) of each loss type, from the paper's formulas by hand.
-def _by_hand(loss_type: str, ls: float) -> list[tuple[float, float]]:
+# Per pair: (loss, d loss / d policy_chosen, d loss / d policy_rejected), from the formulas by hand.
+def _by_hand(loss_type: str, ls: float) -> list[tuple[float, float, float]]:
     rows = []
-    for h in _logits():
+    for pc, pr, rc, rr, nc, nr in zip(PC, PR, RC, RR, NC, NR):
+        h = (pc - pr) - (rc - rr)
         if loss_type == "sigmoid":
-            rows.append((-(1 - ls) * _log_sigmoid(BETA * h) - ls * _log_sigmoid(-BETA * h),
-                         -(1 - ls) * BETA * _sigmoid(-BETA * h) + ls * BETA * _sigmoid(BETA * h)))
-        elif loss_type == "ipo":
-            rows.append(((h - 1 / (2 * BETA)) ** 2, 2 * (h - 1 / (2 * BETA))))
+            dh = -(1 - ls) * BETA * _sigmoid(-BETA * h) + ls * BETA * _sigmoid(BETA * h)
+            rows.append((-(1 - ls) * _log_sigmoid(BETA * h) - ls * _log_sigmoid(-BETA * h), dh, -dh))
+        elif loss_type == "ipo":  # the log-ratios per response token: (pc - rc) / nc - (pr - rr) / nr
+            h = (pc - rc) / nc - (pr - rr) / nr
+            dh = 2 * (h - 1 / (2 * BETA))
+            rows.append(((h - 1 / (2 * BETA)) ** 2, dh / nc, -dh / nr))
         else:
-            rows.append((max(0.0, 1 - BETA * h), -BETA if 1 - BETA * h > 0 else 0.0))
+            dh = -BETA if 1 - BETA * h > 0 else 0.0
+            rows.append((max(0.0, 1 - BETA * h), dh, -dh))
     return rows
 
 
@@ -53,12 +54,13 @@ def _by_hand(loss_type: str, ls: float) -> list[tuple[float, float]]:
 def test_dpo_loss_rewards_and_gradients_equal_the_formulas(loss_type, ls):
     pc, pr = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (PC, PR))
     rc, rr = (torch.tensor(v, dtype=torch.float64) for v in (RC, RR))
-    out = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=loss_type, label_smoothing=ls)
+    out = dpo_loss(pc, pr, rc, rr, beta=BETA, loss_type=loss_type, label_smoothing=ls,
+                   chosen_tokens=torch.tensor(NC, dtype=torch.float64), rejected_tokens=torch.tensor(NR, dtype=torch.float64))
     out.losses.sum().backward()
     expected = _by_hand(loss_type, ls)
-    assert out.losses.tolist() == pytest.approx([loss for loss, _ in expected], abs=1e-12)
-    assert pc.grad.tolist() == pytest.approx([g for _, g in expected], abs=1e-12)
-    assert pr.grad.tolist() == pytest.approx([-g for _, g in expected], abs=1e-12)  # logits use -rejected
+    assert out.losses.tolist() == pytest.approx([loss for loss, _, _ in expected], abs=1e-12)
+    assert pc.grad.tolist() == pytest.approx([g for _, g, _ in expected], abs=1e-12)
+    assert pr.grad.tolist() == pytest.approx([g for _, _, g in expected], abs=1e-12)
     assert out.chosen_rewards.tolist() == pytest.approx([BETA * (a - b) for a, b in zip(PC, RC)], abs=1e-12)
     assert out.rejected_rewards.tolist() == pytest.approx([BETA * (a - b) for a, b in zip(PR, RR)], abs=1e-12)
 
@@ -89,6 +91,59 @@ def test_sequence_logps_count_response_tokens_only():
     # Evaluation's sums give the same loss and metrics once divided by the pair count.
     eval_loss, eval_metrics = DPO(beta=1.0).eval_metrics(DPO(beta=1.0).eval_sums(per_token, mb))
     assert eval_loss == pytest.approx(math.log(2), abs=1e-7) and eval_metrics["rewards/accuracy"] == 0.0
+
+
+def _trl_dpo_loss(log_probs: torch.Tensor, completion_mask: torch.Tensor, reference: torch.Tensor,
+                  loss_type: str, beta: float) -> tuple[torch.Tensor, dict]:
+    """TRL's DPOTrainer loss (TRL 1.x keeps it inside `_compute_loss`, no free function) on given
+    per-token log-probs: a stand-in trainer whose model returns them, with precomputed reference logps."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    rows = log_probs.shape[0]
+    outputs = SimpleNamespace(log_probs=log_probs, entropy=torch.zeros_like(log_probs),
+                              mean_logits=torch.zeros_like(log_probs), is_top1=torch.zeros_like(log_probs).bool())
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device="cpu", gather=lambda t: t,
+                                                                           gather_for_metrics=lambda t: t),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(rows, completion_mask.shape[1], dtype=torch.long),
+              "attention_mask": torch.ones_like(completion_mask), "completion_mask": completion_mask,
+              "ref_chosen_logps": reference[: rows // 2], "ref_rejected_logps": reference[rows // 2:]}
+    loss = DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False)
+    return loss, {k: v[0] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_loss_rewards_and_gradients_equal_trls(loss_type):
+    pytest.importorskip("trl")
+    torch.manual_seed(0)
+    pairs, seq = 3, 9
+    # Prompts of 2-4 tokens, then responses of different lengths, then padding: TRL's completion_mask
+    # covers the inputs, its log-probs (and our loss_mask) the shifted labels.
+    completion = torch.zeros(2 * pairs, seq)
+    for row, (start, end) in enumerate([(2, 6), (3, 9), (4, 5), (2, 8), (3, 4), (4, 9)]):
+        completion[row, start:end] = 1.0
+    mask = completion[:, 1:]
+    logps = (-torch.rand(2 * pairs, seq - 1) * 3 * mask).requires_grad_()  # fp32, as our loss computes
+    reference = -(torch.rand(2 * pairs, seq - 1) * 3 * mask).sum(-1)
+    trl_loss, trl_metrics = _trl_dpo_loss(logps, completion, reference, loss_type, BETA)
+    (trl_grad,) = torch.autograd.grad(trl_loss, logps)
+
+    ours = DPO(beta=BETA, loss_type=loss_type)
+    loss, metrics = ours.loss(-logps, {"loss_mask": mask, "reference_logps": reference})
+    (grad,) = torch.autograd.grad(loss, logps)
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-6)
+    # TRL sums every position (its model's log-probs are 0 off the completion): compare on the mask
+    assert torch.allclose(grad, trl_grad * mask, atol=1e-7) and grad.abs().sum() > 0
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert metrics[name].item() == pytest.approx(trl_metrics[name], abs=1e-6), name
+    # TRL says "accuracies"; the issue asks for "rewards/accuracy"
+    assert metrics["rewards/accuracy"].item() == pytest.approx(trl_metrics["rewards/accuracies"], abs=1e-6)
 
 
 def test_language_modeling_is_the_masked_token_mean():

@@ -20,11 +20,13 @@ response tokens only: ``loss_mask`` is 0 on the prompt and the padding)::
 
     logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
     sigmoid: -(1 - ls) * log σ(β·logits) - ls * log σ(-β·logits)   (ls: label smoothing, cDPO)
-    ipo:     (logits - 1 / (2β))²                                   (Azar et al., 2023)
+    ipo:     (logits' - 1 / (2β))²                                  (Azar et al., 2023)
     hinge:   max(0, 1 - β·logits)                                   (SLiC, Zhao et al., 2023)
     rewards/chosen = β (policy_chosen - reference_chosen), rewards/rejected likewise
 
-the formulas and metric names of TRL's DPOTrainer. The reference log-probs come with the model
+where IPO's ``logits'`` takes each response's log-ratio per response token (its sum over the
+token count), as TRL does and the IPO authors confirmed their results use: the squared loss then
+does not grow with the response length. These are the formulas and metric names of TRL's DPOTrainer. The reference log-probs come with the model
 batch (``reference_logps``, ``[2 × pairs]`` in the same order), computed once per batch by the frozen
 reference model, forward-only through the pipeline (`add_reference_logps`).
 """
@@ -109,14 +111,20 @@ class DPOOutput(NamedTuple):
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> DPOOutput:
-    """Per-pair DPO losses and implicit rewards from sequence log-probs (each ``[pairs]``)."""
-    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+             label_smoothing: float = 0.0, chosen_tokens: Optional[torch.Tensor] = None,
+             rejected_tokens: Optional[torch.Tensor] = None) -> DPOOutput:
+    """Per-pair DPO losses and implicit rewards from sequence log-probs (each ``[pairs]``);
+    `chosen_tokens` / `rejected_tokens`: the response token counts, which IPO averages over."""
+    chosen_ratio, rejected_ratio = policy_chosen - reference_chosen, policy_rejected - reference_rejected
+    logits = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
         losses = (-(1 - label_smoothing) * F.logsigmoid(beta * logits)
                   - label_smoothing * F.logsigmoid(-beta * logits))
     elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss averages over the response tokens: pass their counts")
+        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (per_token - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * logits)
     else:
@@ -158,9 +166,10 @@ class DPO:
     def _output(self, per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> DPOOutput:
         logps = self.sequence_logps(per_token, batch)
         reference = batch["reference_logps"].to(logps.device)
+        tokens = batch["loss_mask"].to(logps.device).sum(-1).to(logps.dtype)
         pairs = logps.shape[0] // 2
         return dpo_loss(logps[:pairs], logps[pairs:], reference[:pairs], reference[pairs:], self.beta,
-                        self.loss_type, self.label_smoothing)
+                        self.loss_type, self.label_smoothing, tokens[:pairs], tokens[pairs:])
 
     def loss(self, per_token: torch.Tensor, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
