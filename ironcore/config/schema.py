@@ -137,6 +137,10 @@ class ModelConfig:
     dropout_mlp: float = _f(0.1, "MLP dropout", minimum=0, maximum=1)
     no_bias: bool = _f(False, "Disable bias in layers")
     untie_embed: bool = _f(False, "Untie input/output embeddings")
+    cross_entropy_chunk_size: int = _f(
+        0, "Tokens per chunk of the LM head fused with the cross-entropy (forward and backward), so only one "
+        "chunk's logits exist at a time; `0`: the unfused head (all logits at once). Same loss and gradients; "
+        "generation and anything that needs logits use the unfused head", added=True, minimum=0)
     tokenizer_type: str = _f("gpt2", "Tokenizer type (`gpt2`: shipped tiktoken BPE; `hf`: a local HF tokenizer)",
                              choices=["gpt2", "hf"])
     vocab_name_or_path: str = _f("gpt2", "Vocab name or path")

@@ -8,6 +8,8 @@ positional embedding, biases, tied embeddings, GQA). Layout of activations throu
     blocks: attention/MLP gather the sequence (sp) or copy (no sp), work on this rank's heads /
             ffn columns, and reduce (or reduce-scatter) back to the residual stream's layout
     final norm ──head (vocab-parallel)──> logits [b, s, V/tp] ──vocab-parallel CE──> loss [b, s]
+    (with labels and ``model.cross_entropy_chunk_size``: head and CE fused per chunk of tokens,
+    never all logits at once: `ironcore.parallel.fused_cross_entropy`)
 
 Pipeline stages: a model built for pipeline rank ``p`` of ``P`` holds layers
 ``[p·L/P, (p+1)·L/P)``, or the layers of the `PipelineStage` it is given (``parallel.pipeline_layer_split``,
@@ -32,6 +34,7 @@ from ironcore.model.mlp import MLP
 from ironcore.model.norm import build_norm
 from ironcore.model.rope import RotaryEmbedding
 from ironcore.parallel.cross_entropy import vocab_parallel_cross_entropy
+from ironcore.parallel.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from ironcore.parallel.layers import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -252,6 +255,10 @@ class GPTModel(nn.Module):
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
         head = self.output.weight if self.output is not None else self.embedding.word_embeddings.weight
+        if labels is not None and self.cfg.cross_entropy_chunk_size:
+            return fused_vocab_parallel_cross_entropy(hidden_states, head, labels, self.vocab_size, self.vocab_start,
+                                                      self.tp_group, self.sequence_parallel,
+                                                      self.cfg.cross_entropy_chunk_size)
         logits = parallel_lm_logits(hidden_states, head, self.tp_group, self.sequence_parallel)
         if labels is None:
             return logits
