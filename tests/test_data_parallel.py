@@ -8,6 +8,7 @@ plain (non-FSDP) TP = 1 run load.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from ironcore import cli
 from ironcore.config import Config, ConfigError
 from ironcore.config.validate import validate_config
 from ironcore.parallel import data_parallel
@@ -235,7 +237,6 @@ def test_wrap_without_data_parallelism_returns_the_model_unchanged():
 @pytest.mark.parametrize("overrides, message", [
     ({"parallel.use_distributed_optimizer": True}, "FSDP already shards the optimizer state"),
     ({"parallel.fsdp_state_dict_type": "sharded"}, "operation.save_dist_ckpt = false"),
-    ({"parallel.fsdp_state_dict_type": "local"}, "parallel.fsdp_state_dict_type = local"),
     ({"operation.save_dist_ckpt": True}, "operation.save_dist_ckpt = true"),
     ({"parallel.fsdp_mixed_precision": "fp16"}, "model.precision"),
 ])
@@ -249,3 +250,10 @@ def test_unsupported_fsdp_combinations_are_rejected_naming_the_keys(overrides, m
     with pytest.raises(ConfigError) as info:
         validate_config(cfg)
     assert any(message in e and "parallel.use_fsdp" in e for e in info.value.errors), info.value.errors
+
+
+def test_the_seeds_local_state_dict_type_is_not_offered(capsys):
+    example = Path(__file__).resolve().parent.parent / "example.yaml"
+    assert cli.main(["config", str(example), "parallel.use_fsdp=true", "parallel.fsdp_state_dict_type=local"]) == 2
+    assert ("parallel.fsdp_state_dict_type = 'local' (set by a command-line override): must be one of 'full', "
+            "'sharded'") in capsys.readouterr().err

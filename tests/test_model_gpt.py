@@ -153,3 +153,38 @@ def test_sequence_longer_than_position_table_is_rejected():
     model = _build(_gpt(max_seq_len=8))
     with pytest.raises(ValueError, match=r"exceeds model.max_seq_len \(8\)"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_offset_is_the_first_tokens_position():
+    """``positional_embedding.offset = 3``: the first token takes row 3 of the learned table, which
+    has ``max_seq_len + 3`` rows (OPT's convention), in training forwards and in cached decoding."""
+    from ironcore.checkpoint.hf import hf_architecture
+    from ironcore.inference import InferenceCache
+
+    shifted = _build(_gpt(max_seq_len=16, positional_embedding=PositionalEmbeddingConfig(offset=3))).eval()
+    assert shifted.embedding.position_embeddings.weight.shape[0] == 19
+    plain = _build(_gpt(max_seq_len=19)).eval()
+    plain.load_state_dict(shifted.state_dict())  # the same weights, positions counted from 0
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        out = shifted(ids)
+        assert (out - plain(ids, position_ids=positions + 3)).abs().max() < 1e-6
+        assert (out - plain(ids)).abs().max() > 1e-3  # the key acts
+        cache = InferenceCache(len(shifted.layers), 2, 16)
+        prefill, rest = shifted(ids[:, :6], inference_cache=cache), shifted(ids[:, 6:], inference_cache=cache)
+    assert (torch.cat([prefill, rest], dim=1) - out).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=r"absolute positions \(offset 0\)"):
+        hf_architecture(_gpt(positional_embedding=PositionalEmbeddingConfig(offset=3)))
+
+
+def test_a_rope_offset_changes_no_logit():
+    """RoPE is relative: shifting every position rotates q and k alike (why validation warns that
+    the key is inert under rope)."""
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    rope = _llama().positional_embedding
+    model = _build(_llama()).eval()
+    shifted = _build(_llama(positional_embedding=PositionalEmbeddingConfig(type=rope.type, offset=5))).eval()
+    shifted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (model(ids) - shifted(ids)).abs().max() < 1e-5

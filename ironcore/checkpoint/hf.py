@@ -42,14 +42,15 @@ def hf_architecture(cfg: ModelConfig) -> str:
     pe = cfg.positional_embedding.type
     if (cfg.ln_type, cfg.activation_type, pe, cfg.no_bias, cfg.untie_embed, cfg.post_ln) == (
             "layernorm", "gelu_tanh", "absolute", False, False, False) and cfg.num_attention_groups in (
-            None, cfg.num_attention_heads) and cfg.head_dim in (None, cfg.d_model // cfg.num_attention_heads):
+            None, cfg.num_attention_heads) and cfg.head_dim in (None, cfg.d_model // cfg.num_attention_heads) \
+            and cfg.positional_embedding.offset == 0:
         return "gpt2"
     if (cfg.ln_type, cfg.activation_type, pe, cfg.post_ln) == ("rmsnorm", "swiglu", "rope", False) \
             and cfg.positional_embedding.offset == 0:
         return "llama"
     raise ValueError(
         "this model config has no Hugging Face equivalent: GPT-2 needs layernorm + gelu_tanh + absolute "
-        "positions + biases + tied embeddings + pre-LN; LLaMA needs rmsnorm + swiglu + rope (offset 0) + pre-LN")
+        "positions (offset 0) + biases + tied embeddings + pre-LN; LLaMA needs rmsnorm + swiglu + rope (offset 0) + pre-LN")
 
 
 # --------------------------------------------------------------------------- configs

@@ -101,7 +101,9 @@ class PositionalEmbeddingConfig:
     type: str = _f("absolute", "PE type (`absolute`, `rope`, `none`)", choices=["absolute", "rope", "none"])
     base: int = _f(10000, "RoPE base frequency", minimum=1)
     scaling_factor: float = _f(1.0, "RoPE scaling factor", exclusive_minimum=0)
-    offset: int = _f(0, "RoPE position offset", minimum=0)
+    offset: int = _f(0, "Position index of the first token (positions run offset, offset + 1, ...): the learned "
+                     "absolute table gets `offset` more rows (OPT's convention); RoPE is relative, so a shift "
+                     "changes no attention score", minimum=0)
     scaling_type: str = _f(
         "linear", "How `scaling_factor` stretches RoPE (`linear`: positions / factor; `llama3`: Llama 3.1's "
         "per-frequency scaling)", choices=["linear", "llama3"], added=True)
@@ -210,8 +212,10 @@ class ParallelConfig:
                                    choices=["mixed", "fp16", "bf16", "fp32"])
     fsdp_sharding_strategy: str = _f("full", "Sharding strategy (`full`, `hybrid`, `no_shard`)",
                                      choices=["full", "hybrid", "no_shard"])
-    fsdp_state_dict_type: str = _f("full", "State dict type (`full`, `local`, `sharded`)",
-                                   choices=["full", "local", "sharded"])
+    fsdp_state_dict_type: str = _f("full", "FSDP checkpoint format: `full` gathers each parameter into the "
+                                   "single-file checkpoint (operation.save_dist_ckpt: false), `sharded` writes each "
+                                   "rank's shards with DCP (save_dist_ckpt: true); both load at any layout (the seed's "
+                                   "`local`, shards without a global plan, is not built)", choices=["full", "sharded"])
     # Added by IronCore: the model's sequence parallelism needs a switch (the seed has none).
     sequence_parallel: bool = _f(
         False, "Sequence parallelism: split norms/dropout activations along the sequence across the "

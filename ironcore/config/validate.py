@@ -11,6 +11,7 @@ is allowed. ``bad`` holds keys already reported, so a rule never piles a second 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import reprlib
@@ -373,10 +374,7 @@ def _fsdp_rules(cfg: Config, prov: dict[str, str], errors: list[str]) -> None:
                       "choose one of the two")
     state_dict = (f"parallel.fsdp_state_dict_type = {p.fsdp_state_dict_type} "
                   f"({origin(prov['parallel.fsdp_state_dict_type'])})")
-    if p.fsdp_state_dict_type == "local":
-        errors.append(f"{state_dict}: not supported with {fsdp}; use full (single-file checkpoints) or sharded "
-                      f"(distributed checkpoints, with operation.save_dist_ckpt: true)")
-    elif (p.fsdp_state_dict_type == "sharded") != cfg.operation.save_dist_ckpt:
+    if (p.fsdp_state_dict_type == "sharded") != cfg.operation.save_dist_ckpt:
         errors.append(f"{state_dict} and operation.save_dist_ckpt = {describe(cfg.operation.save_dist_ckpt)} "
                       f"({origin(prov['operation.save_dist_ckpt'])}) disagree: with {fsdp} the checkpoint is "
                       f"single-file for full (save_dist_ckpt: false), distributed for sharded (save_dist_ckpt: true)")
@@ -475,7 +473,24 @@ def _why_inert(cfg: Config) -> dict[str, str]:
         for name in ("fsdp_offload_params", "fsdp_mixed_precision", "fsdp_sharding_strategy", "fsdp_state_dict_type"):
             if getattr(p, name) != getattr(defaults, name):
                 inert[f"parallel.{name}"] = "parallel.use_fsdp is false (DDP does not read it)"
-    return inert
+    return {**inert, **_inert_positions(cfg.model.positional_embedding)}
+
+
+def _inert_positions(pe: PositionalEmbeddingConfig) -> dict[str, str]:
+    """The ``model.positional_embedding`` keys its ``type`` (and ``scaling_type``) do not read."""
+    defaults, key = PositionalEmbeddingConfig(), "model.positional_embedding"
+    rope_only = ["base", "scaling_factor", "scaling_type", "low_freq_factor", "high_freq_factor", "original_max_seq_len"]
+    if pe.type != "rope":
+        why = {name: f"{key}.type is {pe.type!r} and only RoPE reads it" for name in rope_only}
+        if pe.type == "none":
+            why["offset"] = f"{key}.type is 'none': the model has no positions to shift"
+    else:
+        why = {"offset": "RoPE is relative: a shift of every position cancels in q·k, so no attention score changes "
+                         "(offset acts on absolute positions)"}
+        if pe.scaling_type != "llama3":
+            why.update({name: f"{key}.scaling_type is {pe.scaling_type!r}: only llama3 scaling reads it"
+                        for name in rope_only[3:]})
+    return {f"{key}.{name}": text for name, text in why.items() if getattr(pe, name) != getattr(defaults, name)}
 
 
 def inert_settings(cfg: Config, prov: dict[str, str]) -> list[str]:
@@ -485,8 +500,7 @@ def inert_settings(cfg: Config, prov: dict[str, str]) -> list[str]:
 
 
 def _get(cfg: Config, key: str) -> Any:
-    group, name = key.split(".")
-    return getattr(getattr(cfg, group), name)
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def _context_parallel_rules(cfg: Config, prov: dict[str, str], bad: set[str], errors: list[str]) -> None:

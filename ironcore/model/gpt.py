@@ -107,7 +107,9 @@ class Embedding(nn.Module):
         self.max_seq_len = cfg.max_seq_len
         self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.d_model, pstate)
         absolute = cfg.positional_embedding.type == "absolute"
-        self.position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if absolute else None
+        # Positions run from `offset` (OPT's learned table starts at 2): the table covers them all.
+        rows = cfg.max_seq_len + cfg.positional_embedding.offset
+        self.position_embeddings = nn.Embedding(rows, cfg.d_model) if absolute else None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         h = self.word_embeddings(input_ids)
@@ -205,7 +207,8 @@ class GPTModel(nn.Module):
         Args:
             input_ids: ``[b, s]`` token ids (needed by the first stage; others may pass None).
             labels: ``[b, s]`` target ids; on the last stage the result is then the per-token loss.
-            position_ids: ``[b, s]`` positions for RoPE / absolute embeddings (default ``arange(s)``).
+            position_ids: ``[b, s]`` positions for RoPE / absolute embeddings (default ``arange(s)``),
+                counted from ``model.positional_embedding.offset`` (added here).
             segment_ids: ``[b, s]``; tokens attend only to earlier tokens of the same segment.
             hidden_states: the previous pipeline stage's output (stages that are not first).
             inference_cache: an ``ironcore.inference.kv_cache.InferenceCache`` for incremental
@@ -230,6 +233,7 @@ class GPTModel(nn.Module):
         if position_ids is None:
             device = input_ids.device if input_ids is not None else hidden_states.device
             position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+        position_ids = position_ids + self.cfg.positional_embedding.offset  # the first token's index
         if self.is_first_stage:
             if input_ids is None:
                 raise ValueError("the first pipeline stage needs input_ids")

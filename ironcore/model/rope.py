@@ -1,12 +1,12 @@
-"""Rotary position embedding (``model.positional_embedding``: ``base``, ``scaling_factor``, ``offset``,
-``scaling_type`` and the llama3 keys).
+"""Rotary position embedding (``model.positional_embedding``: ``base``, ``scaling_factor``,
+``scaling_type`` and the llama3 keys; ``offset`` is added to the position ids by the model).
 
 Angles come from each token's position id (not its index in the batch), so packed or shifted
 sequences rotate correctly. The pairing is rotate-half (dims ``i`` and ``i + head_dim/2``), the
 convention of Hugging Face LLaMA checkpoints, so their q/k weights load without permutation.
 
 ``scaling_type: linear``: ``scaling_factor`` is position interpolation, position ``p`` becomes
-``(p + offset) / factor``. ``scaling_type: llama3`` (Llama 3.1+, HF ``rope_type: llama3``): positions
+``p / factor``. ``scaling_type: llama3`` (Llama 3.1+, HF ``rope_type: llama3``): positions
 stay as they are and each frequency is scaled by its wavelength ``2π / inv_freq``: below
 ``original_max_seq_len / high_freq_factor`` kept, above ``original_max_seq_len / low_freq_factor``
 divided by ``scaling_factor``, and smoothly interpolated in between.
@@ -41,7 +41,6 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"RoPE needs an even head dim, got model.head_dim={head_dim}")
-        self.offset = pe.offset
         inv_freq = 1.0 / (pe.base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         # llama3 scales the frequencies, linear the positions: exactly one of them carries the factor.
         self.position_divisor = pe.scaling_factor
@@ -53,7 +52,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape ``[b, s, head_dim]`` (fp32) for position ids ``[b, s]``."""
-        positions = (position_ids.float() + self.offset) / self.position_divisor
+        positions = position_ids.float() / self.position_divisor
         freqs = positions.unsqueeze(-1) * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos(), angles.sin()

@@ -40,8 +40,9 @@ FSDP keys (``parallel.*``) and what they mean in FSDP2 terms:
 * ``fsdp_state_dict_type``: ``full`` gathers full tensors (`gather_full_tensors`) into the
   single-file checkpoint (``operation.save_dist_ckpt: false``); ``sharded`` writes each rank's
   DTensor shards with DCP into the distributed checkpoint (``operation.save_dist_ckpt: true``,
-  ``ironcore.checkpoint.distributed``). Both load at any DP size, with or without FSDP. ``local``
-  is rejected by config validation, as is a ``save_dist_ckpt`` that disagrees.
+  ``ironcore.checkpoint.distributed``). Both load at any DP size, with or without FSDP; config
+  validation rejects a ``save_dist_ckpt`` that disagrees. (The seed's ``local``, each rank's shards
+  without a global plan, is not built: its checkpoints would load only at the same layout.)
 
 Gradient accumulation: `no_sync` skips the gradient reduction of a micro-batch (DDP's ``no_sync``,
 FSDP2's ``set_requires_gradient_sync(False)``, which accumulates unsharded gradients locally);
