@@ -220,6 +220,23 @@ def test_hostile_yaml_exits_2_fast_with_one_line(tmp_path, text, expected):
         (expected in proc.stderr and len(proc.stderr) < 300), proc.stderr[:500]
 
 
+@pytest.mark.parametrize("command", ["config", "train"])
+@pytest.mark.parametrize("override,expected", [
+    ("utils.profile_ranks=" + _alias_bomb(6).split(": ", 1)[1].strip(), "aliases expand to more than 100,000 values"),
+    ("trainer.micro_batch_size=" + "[" * 100_000, "the value is not valid YAML (nested too deeply)"),
+    ("parallel.timeout_minute=.inf", "parallel.timeout_minute = inf (set by a command-line override): must be a "
+     "finite number"),
+], ids=["alias-bomb", "deep-nesting", "infinite-float"])
+def test_hostile_overrides_exit_2_fast_with_an_excerpt(tmp_path, command, override, expected):
+    (tmp_path / "run.yaml").write_text("model: tiny\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "ironcore", command, str(tmp_path / "run.yaml"), override],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert time.monotonic() - start < 10
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-500:]
+    assert expected in proc.stderr and len(proc.stderr) < 400, proc.stderr[:500]
+
+
 def test_all_errors_reported_at_once(tmp_path, capsys):
     cfg = _setup(tmp_path, "model:\n  ln_type: batchnorm\n  num_layers: two\ntrainer:\n  micro_bach_size: 4\n", {})
     assert cli.main([str(cfg), "optim.max_lr=fast"]) == 2

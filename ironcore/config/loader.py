@@ -238,24 +238,32 @@ def _plan_file(path: Path, top: Any, plans: dict[str, _GroupPlan], errors: list[
 
 def _plan_overrides(overrides: Sequence[str], plans: dict[str, _GroupPlan], errors: list[str]) -> None:
     for text in overrides:
+        shown = validate.describe(text)  # an excerpt: a hostile override may be megabytes long
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep or not key:
-            errors.append(f"override '{text}': expected group.key=value or group=preset")
+            errors.append(f"override {shown}: expected group.key=value or group=preset")
             continue
         parts = key.split(".")
         group = parts[0]
         if group not in GROUPS:
-            errors.append(f"override '{text}': unknown group '{group}'{_suggest(group, list(GROUPS), 'groups')}")
+            errors.append(f"override {shown}: unknown group '{group}'{_suggest(group, list(GROUPS), 'groups')}")
             continue
         try:
             value = parse_yaml(raw) if raw.strip() else None
+        except RecursionError:
+            errors.append(f"override {shown}: the value is not valid YAML (nested too deeply)")
+            continue
         except yaml.YAMLError as e:
-            errors.append(f"override '{text}': the value is not valid YAML ({getattr(e, 'problem', e)})")
+            errors.append(f"override {shown}: the value is not valid YAML ({getattr(e, 'problem', e)})")
+            continue
+        if _expanded_size(value) > MAX_EXPANDED_VALUES:
+            errors.append(f"override {shown}: the value's aliases expand to more than {MAX_EXPANDED_VALUES:,} "
+                          "values (an alias bomb?)")
             continue
         if len(parts) == 1:
             if not isinstance(value, str):
-                errors.append(f"override '{text}': {group}=... names a preset file, "
+                errors.append(f"override {shown}: {group}=... names a preset file, "
                               f"got {validate.describe(value)}")
                 continue
             # A whole-group swap: the named preset replaces the group's preset and inline keys.
@@ -269,7 +277,7 @@ def _plan_overrides(overrides: Sequence[str], plans: dict[str, _GroupPlan], erro
         else:
             node[parts[-1]] = value
             continue
-        errors.append(f"override '{text}': conflicts with another override of {'.'.join(parts[:-1])}")
+        errors.append(f"override {shown}: conflicts with another override of {'.'.join(parts[:-1])}")
 
 
 def find_preset(group: str, name: str, base_dir: Path) -> Optional[Path]:
