@@ -5,12 +5,14 @@ CUDA), and a CUDA memory snapshot brackets the window."""
 import contextlib
 import json
 
+import pytest
 import torch
 
 from ironcore.config import Config
-from ironcore.observe import profiling
+from ironcore.observe import profile_summary, profiling
 from ironcore.observe.profiling import Profiler, phase
 from ironcore.training.trainer import train
+from tests.multiproc import run_distributed
 from tests.train_helpers import load, write_config
 
 
@@ -110,3 +112,46 @@ def test_training_trace_names_each_step_and_its_phases(tmp_path):
                   and step["ts"] <= e["ts"] <= step["ts"] + step["dur"]]
         assert sorted(n for n in inside if n in profiling.PHASES) == [
             "backward", "backward", "forward", "forward", "grad-reduce", "optimizer"]
+
+
+def _pp_train_worker(path: str) -> dict:
+    return train(load(path, "trainer.pipeline_model_parallel_size=2", "model.num_layers=4",
+                      "model.max_seq_len=64"))
+
+
+def test_profile_summary_of_a_pp2_1f1b_run_measures_the_bubble(tmp_path, capsys):
+    path = write_config(tmp_path, "pp", trainer={"micro_batch_size": 1, "train_batch_size": 8, "log_interval": 1,
+                                                 "num_workers": 0},
+                        operation={"train_steps": 10, "no_save": True},
+                        utils={"log_level": "WARNING", "profile_torch": True, "profile_ranks": [0, 1],
+                               "profile_step_start": 2, "profile_step_end": 4, "stop_on_profile_end": True})
+    run_distributed(_pp_train_worker, 2, str(path), timeout=240)
+    assert sorted(p.name for p in (tmp_path / "pp" / "profile").iterdir()) == [
+        "rank0_step2-3.json", "rank1_step2-3.json"]
+    assert profile_summary.main([str(tmp_path / "pp"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bubble_bound"] == pytest.approx(1 / 9)  # (p-1)/(m+p-1), p=2, m=8
+    assert sorted(summary["ranks"]) == ["0", "1"]
+    for step, bubble in summary["bubble"].items():  # the last stage (with the LM head) is the busiest
+        assert abs(bubble - 1 / 9) < 0.10, (step, bubble)
+        assert bubble == min(summary["ranks"][r][step]["pipeline_idle"] for r in ("0", "1"))
+    for rank, steps in summary["ranks"].items():
+        assert sorted(steps) == ["2", "3"]
+        for row in steps.values():
+            assert 0 <= row["pipeline_idle"] < 1
+            assert row["comm_ms"]["PP"] > 0  # the activations / gradients exchanged
+            # gloo's collectives block the CPU: no compute hides them
+            assert row["exposed_comm_ms"] == pytest.approx(sum(row["comm_ms"].values()), rel=1e-6)
+            assert 0 < row["compute_ms"] and 0 <= row["idle_ms"] < row["step_ms"]
+    assert profile_summary.main([str(tmp_path / "pp")]) == 0
+    text = capsys.readouterr().out
+    assert "rank 1 step 3:" in text and "step 3: pipeline bubble" in text and "= 11.1%)" in text and "top ops:" in text
+
+
+def test_profile_summary_says_what_is_missing(tmp_path, capsys):
+    assert profile_summary.main([str(tmp_path)]) == 2
+    assert "no torch.profiler trace" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert profile_summary.main([str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable JSON trace" in err and "{not json" not in err

@@ -22,6 +22,7 @@ the run after the window's last step. Without CUDA, NVTX, nsys and memory snapsh
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -53,7 +54,7 @@ class Profiler:
     console numbers it, from 1); ``step_end`` returns True when the run should stop
     (``stop_on_profile_end`` and ``n`` was the window's last step)."""
 
-    def __init__(self, utils, rank: int, output_dir: Optional[str]):
+    def __init__(self, utils, rank: int, output_dir: Optional[str], layout: Optional[dict] = None):
         self.start, self.end = utils.profile_step_start, utils.profile_step_end
         wanted = (utils.profile_nsys or utils.profile_torch or utils.profile_memory) and rank in list(utils.profile_ranks)
         cuda = torch.cuda.is_available()
@@ -63,6 +64,8 @@ class Profiler:
         self.stop_on_end = utils.stop_on_profile_end and (utils.profile_nsys or utils.profile_torch
                                                           or utils.profile_memory)
         self.rank, self.output_dir, self.tensorboard_dir = rank, Path(output_dir or "."), utils.tensorboard_dir
+        # Written into the trace as "ironcore", for profile_summary (e.g. pp, microbatches, virtual_stages).
+        self.layout = {"rank": rank, **(layout or {})}
         self.first = self.last = None  # the steps the window actually held (a resume may start inside it)
         self._session = None
         self._nsys_on = self._memory_on = False
@@ -137,6 +140,9 @@ class Profiler:
             path = self.path(".json")
             path.parent.mkdir(parents=True, exist_ok=True)
             self._session.export_chrome_trace(str(path))
+            trace = json.loads(path.read_text())
+            trace["ironcore"] = self.layout
+            path.write_text(json.dumps(trace))
             logger.info("torch.profiler trace: %s", path)
             if self.tensorboard_dir:  # the plugin reads <logdir>/<run>/<worker>.pt.trace.json
                 board = Path(self.tensorboard_dir) / "profile" / path.with_suffix(".pt.trace.json").name

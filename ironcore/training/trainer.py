@@ -175,7 +175,11 @@ class Trainer:
         self.run_info = collect_run_info(pstate, provenance)
         self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg), resumed=resumed is not None,
                                   run_info=self.run_info)
-        self.profiler = Profiler(cfg.utils, pstate.rank, cfg.trainer.model_path)
+        self.profiler = Profiler(cfg.utils, pstate.rank, cfg.trainer.model_path, layout={
+            "pp": pstate.pp_size, "tp": pstate.tp_size, "dp": pstate.dp_size, "cp": pstate.cp_size,
+            "pp_rank": pstate.pp_rank, "schedule": cfg.parallel.pipeline_schedule,
+            "virtual_stages": cfg.parallel.virtual_pipeline_stages,
+            "microbatches": cfg.trainer.gradient_accumulation_steps})
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.last_saved: Optional[int] = self.step if resumed else None
         self.last_checkpoint: Optional[str] = None
