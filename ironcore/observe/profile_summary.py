@@ -1,29 +1,49 @@
 """``ironcore profile-summary PATH [--json]``: where each profiled step's time went, from the
 torch.profiler traces of a run (all ranks).
 
-PATH is a trace file, a run's ``profile/`` folder, or its ``model_path``. Per rank and step (the
-``ProfilerStep#N`` ranges, numbered as the console numbers steps) it reports, in milliseconds:
+PATH is a trace file, a run's ``profile/`` folder, or its ``model_path`` (the traces are
+``<model_path>/profile/rank{R}_step{first}-{last}.json``, see `ironcore.observe.profiling`). Per rank
+and step (the ``ProfilerStep#N`` range, N numbered as the console numbers steps) it reports, in ms:
 
-* ``compute``: time covered by operators (CPU ops, GPU kernels) outside communication;
-* ``comm``: time in communication by group. IronCore names its communication ranges
-  (``profiling.PHASES``): ``tp-*`` is TP, ``cp-*`` CP, ``pp-*`` PP, ``grad-reduce`` DP; a collective
-  operator outside all of them (DDP's bucketed all-reduce inside ``backward``) counts as DP;
-* ``exposed_comm``: communication that no compute overlaps (on CPU, where collectives block, all
-  of it; on GPU, what the streams did not hide);
-* ``idle``: the step's time covered by neither;
-* ``pipeline_idle``: ``1 − busy / span``, where busy is the rank's time in ``forward``/``backward``
-  and span runs from the earliest step start to the latest ``backward`` end over all ranks (the
-  traces' clocks are the host's; ranks on several hosts rely on their clocks agreeing);
-* per step, the pipeline ``bubble``: the busiest stage's ``pipeline_idle`` (the schedule's own
-  bubble; what other stages idle beyond it is stage imbalance), next to its bound
-  ``(p−1)/(v·m+p−1)`` for ``p`` stages, ``v`` virtual stages and ``m`` micro-batches (read from
-  the trace's ``ironcore`` metadata);
-* ``top_ops``: the operators with the most total time.
+* ``step_ms``: the length of the ``ProfilerStep#N`` range;
+* ``comm_ms``: time in communication, by group, each the union of its intervals. IronCore names its
+  communication (`profiling.PHASES`): ``tp-*`` ranges are TP, ``cp-*`` CP, ``pp-*`` PP,
+  ``grad-reduce`` DP. A collective operator (``c10d::*``) outside those ranges is DP when it runs
+  inside a ``forward``/``backward`` range (DDP's bucketed all-reduce, FSDP's all-gather and
+  reduce-scatter) and ``other`` elsewhere (the loss broadcast, the gradient norm's all-reduce);
+  ``comm_total_ms`` is the union over the groups;
+* ``compute_ms``: time covered by operators, less the communication time (the union of the
+  operator intervals minus the union of the communication intervals);
+* ``exposed_comm_ms``: communication time that no compute overlaps;
+* ``idle_ms``: the step's time covered by neither compute nor communication (Python between
+  operators, data loading outside operators, waiting).
+
+The timeline is the training thread's CPU operators, or, when the trace has GPU kernels, the
+device's: compute is then the non-NCCL kernels (and memcpy/memset), communication the NCCL kernels,
+each given the group of the range its launch ran in. On CPU, gloo's collectives block the training
+thread, so compute and communication never overlap there and all communication is exposed; on GPU,
+exposed is what the streams did not hide.
+
+With pipeline parallelism (the traces' ``ironcore`` metadata says ``pp > 1``) and a trace from every
+stage, each step also gets the pipeline bubble, measured as follows. A stage is busy while it runs a
+micro-batch's ``forward`` (its loss included) or ``backward`` range of the training schedule (ranges
+inside ``eval``/``test``/``reference`` do not count). The step's schedule window runs from the
+earliest start of such a range on any stage to the latest end on any stage (the traces' clocks are
+the host's; ranks on several hosts rely on their clocks agreeing). Per rank,
+``pipeline_idle = 1 − busy / window``; the step's ``bubble`` is the busiest stage's
+``pipeline_idle`` (the schedule's own bubble; what the other stages idle beyond it is stage
+imbalance) and ``bubble_mean`` the mean over the stages. Next to it: the bound
+``(p−1)/(m+p−1)`` for ``p`` stages and ``m`` micro-batches (``(p−1)/(v·m+p−1)`` with ``v``
+interleaved virtual stages), which assumes equal-cost stages and free communication.
+
+``top_ops``: the operators with the most self time (their time less that of the operators they
+called) in the step, with their call counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 from collections import defaultdict
@@ -32,9 +52,12 @@ from typing import Iterable, Optional, Sequence
 
 from ironcore.observe.profiling import STEP_PREFIX
 
-GROUPS = ("TP", "CP", "PP", "DP")
+GROUPS = ("TP", "CP", "PP", "DP", "other")
 _RANGE_GROUP = (("tp-", "TP"), ("cp-", "CP"), ("pp-", "PP"), ("grad-reduce", "DP"))
-_COLLECTIVE_PREFIXES = ("c10d::", "gloo:", "nccl:", "record_param_comms")
+_COLLECTIVE_PREFIX = "c10d::"
+_BUSY = ("forward", "backward")
+_NOT_TRAINING = ("eval", "test", "reference")  # forward ranges inside these are not the training schedule's
+_DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 _TOP_OPS = 5
 
 Interval = tuple[float, float]
@@ -44,9 +67,14 @@ class ProfileSummaryError(Exception):
     """PATH holds no readable trace."""
 
 
-def _union(intervals: Iterable[Interval]) -> list[Interval]:
+# --------------------------------------------------------------------------------------- intervals
+
+def union(intervals: Iterable[Interval]) -> list[Interval]:
+    """Sorted, disjoint intervals covering the same time."""
     merged: list[list[float]] = []
     for start, end in sorted(intervals):
+        if end <= start:
+            continue
         if merged and start <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
@@ -54,166 +82,267 @@ def _union(intervals: Iterable[Interval]) -> list[Interval]:
     return [(a, b) for a, b in merged]
 
 
-def _length(intervals: Iterable[Interval]) -> float:
-    return sum(b - a for a, b in _union(intervals))
+def length(intervals: Iterable[Interval]) -> float:
+    return sum(b - a for a, b in union(intervals))
 
 
-def _minus(a: list[Interval], b: list[Interval]) -> float:
-    """Length of union(a) not covered by union(b)."""
-    return _length(a) - _length(_clip_to(a, b))
-
-
-def _clip_to(a: list[Interval], b: list[Interval]) -> list[Interval]:
-    """The parts of b inside union(a)."""
-    out = []
-    for s, e in _union(b):
-        for x, y in _union(a):
-            lo, hi = max(s, x), min(e, y)
-            if lo < hi:
-                out.append((lo, hi))
+def minus(a: Iterable[Interval], b: Iterable[Interval]) -> list[Interval]:
+    """union(a) with union(b) taken out."""
+    out, cut = [], union(b)
+    for start, end in union(a):
+        i = bisect.bisect_right(cut, (start, float("inf"))) - 1
+        i = max(i, 0)
+        pos = start
+        while i < len(cut) and cut[i][0] < end:
+            s, e = cut[i]
+            if e > pos:
+                if s > pos:
+                    out.append((pos, s))
+                pos = max(pos, e)
+            i += 1
+        if pos < end:
+            out.append((pos, end))
     return out
 
 
+class _Cover:
+    """Answers "is [a, b] inside one of these intervals?" for a fixed set of intervals."""
+
+    def __init__(self, intervals: Iterable[Interval]):
+        self.parts = union(intervals)
+        self.starts = [s for s, _ in self.parts]
+
+    def contains(self, start: float, end: float) -> bool:
+        i = bisect.bisect_right(self.starts, start) - 1
+        return i >= 0 and self.parts[i][1] >= end
+
+
+# --------------------------------------------------------------------------------------- loading
+
+def load_traces(path: str | Path) -> list[dict]:
+    """The traces under PATH (a file, a profile folder or a model_path), each with its events."""
+    root = Path(path)
+    if root.is_file():
+        files, explicit = [root], True
+    else:
+        folder = root / "profile" if (root / "profile").is_dir() else root
+        files, explicit = sorted(p for p in folder.glob("*.json") if p.is_file()), False
+    traces = []
+    for file in files:
+        try:
+            trace = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            if explicit:
+                raise ProfileSummaryError(f"{file}: not a readable JSON trace ({type(e).__name__})") from None
+            continue
+        if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+            if explicit:
+                raise ProfileSummaryError(f"{file}: not a torch.profiler trace (no traceEvents list)")
+            continue
+        trace["_file"] = str(file)
+        traces.append(trace)
+    if not traces:
+        raise ProfileSummaryError(f"{path}: no torch.profiler trace (*.json with traceEvents) there or in its "
+                                  f"profile/ folder")
+    return traces
+
+
+def _meta(trace: dict) -> dict:
+    meta = trace.get("ironcore")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _rank_of(trace: dict) -> int:
+    meta = _meta(trace) or trace.get("distributedInfo") or {}
+    return int(meta.get("rank", 0))
+
+
 def _group_of_range(name: str) -> Optional[str]:
-    for part in name.split("+"):
+    for part in name.split("+"):  # the pipeline names a batched transfer "pp-send-forward+pp-recv-backward"
         for prefix, group in _RANGE_GROUP:
             if part.startswith(prefix):
                 return group
     return None
 
 
-def _inside(interval: Interval, ranges: list[Interval]) -> bool:
-    return any(s <= interval[0] and interval[1] <= e for s, e in ranges)
+# --------------------------------------------------------------------------------------- one step
+
+class _Trace:
+    """One rank's trace: its complete events on the host's clock (µs), split by kind."""
+
+    def __init__(self, trace: dict):
+        offset = trace.get("baseTimeNanoseconds", 0) / 1000.0
+        self.rank, self.meta = _rank_of(trace), _meta(trace)
+        events = []
+        for e in trace["traceEvents"]:
+            if e.get("ph") == "X" and isinstance(e.get("ts"), (int, float)) and isinstance(e.get("dur"), (int, float)):
+                events.append({**e, "ts": e["ts"] + offset})
+        self.steps = [e for e in events if e.get("cat") == "user_annotation"
+                      and str(e.get("name", "")).startswith(STEP_PREFIX)]
+        self.events = events
+        # launches (cuda_runtime / cuda_driver) by correlation id, to give a kernel its launching range
+        self.launch_ts = {e["args"]["correlation"]: e["ts"] for e in events
+                          if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
 
 
-def load_traces(path: str | Path) -> list[dict]:
-    """The traces under PATH (file, profile folder or model_path), each with its events."""
-    root = Path(path)
-    if root.is_file():
-        files = [root]
-    else:
-        folder = root / "profile" if (root / "profile").is_dir() else root
-        files = sorted(p for p in folder.glob("*.json") if p.is_file())
-    if not files:
-        raise ProfileSummaryError(f"{path}: no torch.profiler trace (*.json) there or in its profile/ folder")
-    traces = []
-    for file in files:
-        try:
-            trace = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProfileSummaryError(f"{file}: not a readable JSON trace ({type(e).__name__})") from None
-        if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
-            raise ProfileSummaryError(f"{file}: not a torch.profiler trace (no traceEvents list)")
-        trace["_file"] = str(file)
-        traces.append(trace)
-    return traces
+def _self_times(ops: list[dict]) -> dict[str, list[float]]:
+    """name -> [self µs, calls] of operators on one thread (nesting by time)."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    stack: list[list] = []  # [end, name, child time]
+    for e in sorted(ops, key=lambda e: (e["ts"], -e["dur"])):
+        while stack and stack[-1][0] <= e["ts"]:
+            end, name, children, dur = stack.pop()
+            totals[name][0] += dur - children
+        if stack:
+            stack[-1][2] += e["dur"]
+        totals[e["name"]][1] += 1
+        stack.append([e["ts"] + e["dur"], e["name"], 0.0, e["dur"]])
+    for end, name, children, dur in stack:
+        totals[name][0] += dur - children
+    return totals
 
 
-def _rank_of(trace: dict) -> int:
-    meta = trace.get("ironcore") or trace.get("distributedInfo") or {}
-    return int(meta.get("rank", 0))
+def _step_summary(trace: _Trace, step_event: dict) -> dict:
+    start, end = step_event["ts"], step_event["ts"] + step_event["dur"]
+    tid = step_event.get("tid")
 
+    def iv(e) -> Interval:
+        return (e["ts"], e["ts"] + e["dur"])
 
-def _spans(trace: dict) -> tuple[float, list[dict]]:
-    """(clock offset in µs, the complete events) of one trace."""
-    offset = trace.get("baseTimeNanoseconds", 0) / 1000.0
-    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e and "ts" in e]
-    return offset, events
+    inside = [e for e in trace.events if start <= e["ts"] and e["ts"] + e["dur"] <= end]
+    host = [e for e in inside if e.get("tid") == tid]  # the training thread
+    ranges = [e for e in host if e.get("cat") == "user_annotation"]
+    host_ops = [e for e in host if e.get("cat") == "cpu_op"]
+    device = [e for e in inside if e.get("cat") in _DEVICE_CATS]
 
-
-def _step_summary(events: list[dict], offset: float, start: float, end: float) -> dict:
-    def iv(e):
-        return (e["ts"] + offset, e["ts"] + offset + e["dur"])
-
-    inside = [e for e in events if start <= e["ts"] + offset and e["ts"] + offset + e["dur"] <= end]
-    annotations = [e for e in inside if e.get("cat") in ("user_annotation", "gpu_user_annotation")]
     comm: dict[str, list[Interval]] = defaultdict(list)
-    for e in annotations:
+    for e in ranges:
         group = _group_of_range(e["name"])
         if group:
             comm[group].append(iv(e))
-    named = [i for g in comm.values() for i in g]
-    ops = [e for e in inside if e.get("cat") in ("cpu_op", "kernel", "gpu_memcpy", "gpu_memset")]
-    compute = []
-    for e in ops:
-        if e["name"].startswith(_COLLECTIVE_PREFIXES) or "nccl" in e["name"].lower():
-            if not _inside(iv(e), named):
-                comm["DP"].append(iv(e))
-        elif not _inside(iv(e), named):
-            compute.append(iv(e))
-    all_comm = [i for g in comm.values() for i in g]
-    totals: dict[str, float] = defaultdict(float)
-    for e in ops:
-        totals[e["name"]] += e["dur"]
-    busy = [iv(e) for e in annotations if e["name"] in ("forward", "backward")]
+    named = _Cover(i for g in comm.values() for i in g)
+    group_of_named = sorted((iv(e), _group_of_range(e["name"])) for e in ranges if _group_of_range(e["name"]))
+    busy_ranges = _Cover(iv(e) for e in ranges if e["name"] in _BUSY)
+
+    def group_at(a: float, b: float) -> str:
+        """The group of a collective running over [a, b] outside the named ranges (see the module doc)."""
+        for (s, f), group in group_of_named:
+            if s <= a and b <= f:
+                return group
+        return "DP" if busy_ranges.contains(a, b) else "other"
+
+    if device:  # the device's timeline
+        comm = defaultdict(list)  # the host ranges only measured launches
+        compute_raw = []
+        for e in device:
+            if "nccl" in e["name"].lower():
+                at = trace.launch_ts.get(e.get("args", {}).get("correlation"), e["ts"])
+                comm[group_at(at, at)].append(iv(e))
+            else:
+                compute_raw.append(iv(e))
+        ops_for_top = device
+    else:
+        for e in host_ops:
+            if e["name"].startswith(_COLLECTIVE_PREFIX) and not named.contains(*iv(e)):
+                comm[group_at(*iv(e))].append(iv(e))
+        compute_raw = [iv(e) for e in host_ops]
+        ops_for_top = host_ops
+    all_comm = union(i for g in comm.values() for i in g)
+    compute = minus(compute_raw, all_comm) if not device else union(compute_raw)
+    covered = length(compute + all_comm)
+    top = sorted(_self_times(ops_for_top).items(), key=lambda kv: -kv[1][0])[:_TOP_OPS]
+
+    training_busy = [iv(e) for e in ranges if e["name"] in _BUSY]
+    not_training = _Cover(iv(e) for e in ranges if e["name"] in _NOT_TRAINING)
+    training_busy = [i for i in training_busy if not not_training.contains(*i)]
     return {
         "step_ms": (end - start) / 1000,
-        "compute_ms": _length(compute) / 1000,
-        "comm_ms": {g: _length(comm[g]) / 1000 for g in GROUPS if comm.get(g)},
-        "exposed_comm_ms": _minus(all_comm, compute) / 1000,
-        "idle_ms": (end - start - _length(compute + all_comm)) / 1000,
-        "top_ops": [{"name": n, "ms": t / 1000} for n, t in sorted(totals.items(), key=lambda x: -x[1])[:_TOP_OPS]],
-        "_busy": _length(busy), "_last_backward": max((b for a, b in busy), default=None), "_start": start,
+        "compute_ms": length(compute) / 1000,
+        "comm_ms": {g: length(comm[g]) / 1000 for g in GROUPS if comm.get(g)},
+        "comm_total_ms": length(all_comm) / 1000,
+        "exposed_comm_ms": length(minus(all_comm, compute)) / 1000,
+        "idle_ms": (end - start - covered) / 1000,
+        "top_ops": [{"name": n, "self_ms": t / 1000, "calls": int(c)} for n, (t, c) in top],
+        "_busy": union(training_busy),
     }
 
 
-def _bound(meta: dict) -> Optional[float]:
-    p, m, v = meta.get("pp", 1), meta.get("microbatches"), meta.get("virtual_stages", 1) or 1
+# --------------------------------------------------------------------------------------- the run
+
+def bubble_bound(layout: dict) -> Optional[float]:
+    """``(p−1)/(v·m+p−1)`` (v = 1 unless the schedule is interleaved), None without pipelining."""
+    p, m = int(layout.get("pp", 1) or 1), layout.get("microbatches")
+    v = int(layout.get("virtual_stages", 1) or 1) if layout.get("schedule", "1f1b") == "interleaved" else 1
     if p <= 1 or not m:
         return None
-    return (p - 1) / (v * m + p - 1)
+    return (p - 1) / (v * int(m) + p - 1)
 
 
 def summarize(traces: list[dict]) -> dict:
-    """``{"ranks": {rank: {step: {...}}}, "bubble_bound": float | None}`` (see the module doc)."""
-    ranks: dict[int, dict[int, dict]] = {}
-    for trace in traces:
-        offset, events = _spans(trace)
-        steps = {}
-        for e in events:
-            if e["name"].startswith(STEP_PREFIX) and e.get("cat") in ("user_annotation", "cpu_op"):
-                start = e["ts"] + offset
-                steps[int(e["name"][len(STEP_PREFIX):])] = _step_summary(events, offset, start, start + e["dur"])
-        ranks[_rank_of(trace)] = steps
-    meta = next((t["ironcore"] for t in traces if isinstance(t.get("ironcore"), dict)), {})
-    bound = _bound(meta)
-    bubbles: dict[int, float] = {}
+    """The summary `main` prints (see the module doc): ``{"layout", "bubble_bound", "pipeline":
+    {step: {bubble, bubble_mean, window_ms}}, "ranks": {rank: {step: {...}}}}``."""
+    ranks: dict[int, dict[int, dict]] = defaultdict(dict)
+    stage_of: dict[int, int] = {}
+    layout: dict = {}
+    for raw in traces:
+        trace = _Trace(raw)
+        layout = layout or {k: v for k, v in trace.meta.items() if k not in ("rank", "pp_rank")}
+        if "pp_rank" in trace.meta:
+            stage_of[trace.rank] = int(trace.meta["pp_rank"])
+        for step_event in trace.steps:
+            ranks[trace.rank][int(step_event["name"][len(STEP_PREFIX):])] = _step_summary(trace, step_event)
+    bound = bubble_bound(layout)
+    pp = int(layout.get("pp", 1) or 1)
+    pipeline: dict[int, dict] = {}
     for step in sorted({s for steps in ranks.values() for s in steps}):
-        rows = [steps[step] for steps in ranks.values() if step in steps]
-        ends = [r["_last_backward"] for r in rows if r["_last_backward"] is not None]
-        if bound is not None and ends:
-            span = max(ends) - min(r["_start"] for r in rows)
-            for r in rows:
-                r["pipeline_idle"] = 1 - r["_busy"] / span if span > 0 else 0.0
-            bubbles[step] = min(r["pipeline_idle"] for r in rows)
+        rows = {r: steps[step] for r, steps in ranks.items() if step in steps}
+        busy = {r: row["_busy"] for r, row in rows.items() if row["_busy"]}
+        if pp <= 1 or {stage_of.get(r) for r in busy} != set(range(pp)):
+            continue  # no pipeline, or not every stage traced in this step
+        lo, hi = min(b[0][0] for b in busy.values()), max(b[-1][1] for b in busy.values())
+        window = hi - lo
+        if window <= 0:
+            continue
+        for r, intervals in busy.items():
+            rows[r]["pipeline_busy_ms"] = length(intervals) / 1000
+            rows[r]["pipeline_idle"] = 1 - length(intervals) / window
+        idles = [rows[r]["pipeline_idle"] for r in busy]
+        pipeline[step] = {"bubble": min(idles), "bubble_mean": sum(idles) / len(idles), "window_ms": window / 1000}
     for steps in ranks.values():
-        for r in steps.values():
-            for key in ("_busy", "_last_backward", "_start"):
-                r.pop(key)
-    return {"ranks": {r: ranks[r] for r in sorted(ranks)}, "bubble": bubbles, "bubble_bound": bound, "layout": meta}
+        for row in steps.values():
+            row.pop("_busy")
+    return {"layout": layout, "bubble_bound": bound, "pipeline": pipeline,
+            "ranks": {r: dict(sorted(ranks[r].items())) for r in sorted(ranks)}}
 
 
 def format_summary(summary: dict) -> str:
     lines = []
-    bound = summary["bubble_bound"]
     for rank, steps in summary["ranks"].items():
-        for step, r in sorted(steps.items()):
+        for step, r in steps.items():
             comm = ", ".join(f"{g} {ms:.1f}" for g, ms in r["comm_ms"].items()) or "none"
-            line = (f"rank {rank} step {step}: {r['step_ms']:.1f} ms = compute {r['compute_ms']:.1f} | comm {comm} "
-                    f"(exposed {r['exposed_comm_ms']:.1f}) | idle {r['idle_ms']:.1f}")
+            line = (f"rank {rank} step {step}: {r['step_ms']:.1f} ms = compute {r['compute_ms']:.1f} | "
+                    f"comm {r['comm_total_ms']:.1f} ({comm}; exposed {r['exposed_comm_ms']:.1f}) | "
+                    f"idle {r['idle_ms']:.1f}")
             if "pipeline_idle" in r:
-                line += f" | idle in pipeline {100 * r['pipeline_idle']:.1f}%"
+                line += f" | pipeline: busy {r['pipeline_busy_ms']:.1f}, idle {100 * r['pipeline_idle']:.1f}%"
             lines.append(line)
-            lines.append("    top ops: " + ", ".join(f"{o['name']} {o['ms']:.1f}" for o in r["top_ops"]))
-    for step, bubble in sorted(summary["bubble"].items()):
-        lines.append(f"step {step}: pipeline bubble {100 * bubble:.1f}% (bound (p-1)/(v*m+p-1) = {100 * bound:.1f}%)")
+            lines.append("    top ops (self ms): " + ", ".join(
+                f"{o['name']} {o['self_ms']:.1f} ×{o['calls']}" for o in r["top_ops"]))
+    bound = summary["bubble_bound"]
+    for step, p in summary["pipeline"].items():
+        lines.append(f"step {step}: pipeline bubble {100 * p['bubble']:.1f}% on the busiest stage "
+                     f"(mean over stages {100 * p['bubble_mean']:.1f}%, window {p['window_ms']:.1f} ms); "
+                     f"bound (p-1)/(v*m+p-1) = {100 * bound:.1f}%")
+    if bound is not None and not summary["pipeline"]:
+        lines.append("pipeline bubble: not measured (needs a trace of every pipeline stage in the same steps)")
     return "\n".join(lines) if lines else "no ProfilerStep# ranges in the traces"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ironcore profile-summary",
                                      description="per rank and step: compute, communication by group, exposed "
-                                                 "communication, idle and pipeline bubble, from a run's traces")
+                                                 "communication, idle, pipeline bubble and top ops, from a run's "
+                                                 "torch.profiler traces")
     parser.add_argument("path", metavar="PATH", help="a trace file, a run's profile/ folder or its model_path")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
@@ -224,3 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

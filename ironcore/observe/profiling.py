@@ -33,8 +33,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 # The names `phase` is called with, so traces from every layout read the same (profile_summary uses them).
+# "forward" covers a micro-batch's forward on one model chunk, its loss included (pipeline._Runner.forward).
 PHASES = ("forward", "backward", "optimizer", "grad-reduce", "reference", "eval", "test", "checkpoint",
-          "pp-send-forward", "pp-recv-forward", "pp-send-backward", "pp-recv-backward")
+          "pp-send-forward", "pp-recv-forward", "pp-send-backward", "pp-recv-backward",
+          "tp-all-reduce", "tp-all-gather", "tp-reduce-scatter", "cp-all-gather", "cp-ring-shift", "cp-ring-wait")
 STEP_PREFIX = "ProfilerStep#"
 _MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept; bounds the snapshot's size
 

@@ -191,7 +191,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _forward_step(self, model: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
-        with autocast(self.cfg.model.precision, self.pstate.device), phase("forward"):
+        with autocast(self.cfg.model.precision, self.pstate.device):  # in the pipeline's "forward" range
             return model(**batch_inputs(batch, self.pstate.device), hidden_states=hidden_states)
 
     def _loss(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
