@@ -10,7 +10,8 @@ and step (the ``ProfilerStep#N`` range, N numbered as the console numbers steps)
   communication (`profiling.PHASES`): ``tp-*`` ranges are TP, ``cp-*`` CP, ``pp-*`` PP,
   ``grad-reduce`` DP. A collective operator (``c10d::*``) outside those ranges is DP when it runs
   inside a ``forward``/``backward`` range (DDP's bucketed all-reduce, FSDP's all-gather and
-  reduce-scatter) and ``other`` elsewhere (the loss broadcast, the gradient norm's all-reduce);
+  reduce-scatter; and, under ``trainer.compile_model``, which leaves the ``tp-*``/``cp-*`` ranges out,
+  TP and CP collectives) and ``other`` elsewhere (the loss broadcast, the gradient norm's all-reduce);
   ``comm_total_ms`` is the union over the groups;
 * ``compute_ms``: time covered by operators, less the communication time (the union of the
   operator intervals minus the union of the communication intervals);
@@ -19,8 +20,10 @@ and step (the ``ProfilerStep#N`` range, N numbered as the console numbers steps)
   operators, data loading outside operators, waiting).
 
 The timeline is the training thread's CPU operators, or, when the trace has GPU kernels, the
-device's: compute is then the non-NCCL kernels (and memcpy/memset), communication the NCCL kernels,
-each given the group of the range its launch ran in. On CPU, gloo's collectives block the training
+device's: compute is then the non-NCCL kernels (and memcpy/memset) launched in the step,
+communication the NCCL kernels, each given the group of the range its launch ran in, and the step
+lasts until its last kernel ends. The pipeline's busy time (below) then comes from the device's
+``forward``/``backward`` ranges (``gpu_user_annotation``) when the trace has them. On CPU, gloo's collectives block the training
 thread, so compute and communication never overlap there and all communication is exposed; on GPU,
 exposed is what the streams did not hide.
 
@@ -186,19 +189,23 @@ class _Trace:
 
 
 def _self_times(ops: list[dict]) -> dict[str, list[float]]:
-    """name -> [self µs, calls] of operators on one thread (nesting by time)."""
+    """name -> [self µs, calls] of operators, nesting by time within each thread (or GPU stream)."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    stack: list[list] = []  # [end, name, child time]
-    for e in sorted(ops, key=lambda e: (e["ts"], -e["dur"])):
-        while stack and stack[-1][0] <= e["ts"]:
-            end, name, children, dur = stack.pop()
+    by_thread: dict = defaultdict(list)
+    for e in ops:
+        by_thread[e.get("tid")].append(e)
+    for thread_ops in by_thread.values():
+        stack: list[list] = []  # [end, name, time of direct children, dur]
+        for e in sorted(thread_ops, key=lambda e: (e["ts"], -e["dur"])):
+            while stack and stack[-1][0] <= e["ts"]:
+                _, name, children, dur = stack.pop()
+                totals[name][0] += dur - children
+            if stack:
+                stack[-1][2] += e["dur"]
+            totals[e["name"]][1] += 1
+            stack.append([e["ts"] + e["dur"], e["name"], 0.0, e["dur"]])
+        for _, name, children, dur in stack:
             totals[name][0] += dur - children
-        if stack:
-            stack[-1][2] += e["dur"]
-        totals[e["name"]][1] += 1
-        stack.append([e["ts"] + e["dur"], e["name"], 0.0, e["dur"]])
-    for end, name, children, dur in stack:
-        totals[name][0] += dur - children
     return totals
 
 
@@ -213,7 +220,15 @@ def _step_summary(trace: _Trace, step_event: dict) -> dict:
     host = [e for e in inside if e.get("tid") == tid]  # the training thread
     ranges = [e for e in host if e.get("cat") == "user_annotation"]
     host_ops = [e for e in host if e.get("cat") == "cpu_op"]
-    device = [e for e in inside if e.get("cat") in _DEVICE_CATS]
+    # the step's kernels: those launched inside it (they may run after the host has moved on)
+    device = [e for e in trace.events if e.get("cat") in _DEVICE_CATS
+              and start <= trace.launch_ts.get(e.get("args", {}).get("correlation"), e["ts"]) <= end]
+    if device:
+        end = max(end, max(e["ts"] + e["dur"] for e in device))
+    # the stage's forward/backward: on the device when the trace has them there (gpu_user_annotation)
+    device_ranges = [e for e in trace.events if e.get("cat") == "gpu_user_annotation"
+                     and start <= e["ts"] and e["ts"] + e["dur"] <= end]
+    busy_source = device_ranges if any(e["name"] in _BUSY for e in device_ranges) else ranges
 
     comm: dict[str, list[Interval]] = defaultdict(list)
     for e in ranges:
@@ -252,8 +267,8 @@ def _step_summary(trace: _Trace, step_event: dict) -> dict:
     covered = length(compute + all_comm)
     top = sorted(_self_times(ops_for_top).items(), key=lambda kv: -kv[1][0])[:_TOP_OPS]
 
-    training_busy = [iv(e) for e in ranges if e["name"] in _BUSY]
-    not_training = _Cover(iv(e) for e in ranges if e["name"] in _NOT_TRAINING)
+    training_busy = [iv(e) for e in busy_source if e["name"] in _BUSY]
+    not_training = _Cover(iv(e) for e in busy_source if e["name"] in _NOT_TRAINING)
     training_busy = [i for i in training_busy if not not_training.contains(*i)]
     return {
         "step_ms": (end - start) / 1000,

@@ -51,6 +51,14 @@ def phase(name: str) -> ContextManager:
     return stack
 
 
+def comm_phase(name: str) -> ContextManager:
+    """`phase` for communication inside the model (TP / CP collectives): nothing while torch.compile
+    traces (a range there would break the graph; compiled regions show as one range anyway)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return phase(name)
+
+
 class Profiler:
     """Call ``step_begin(n)`` before and ``step_end(n)`` after training step ``n`` (numbered as the
     console numbers it, from 1); ``step_end`` returns True when the run should stop

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ironcore.observe.profiling import phase
+from ironcore.observe.profiling import comm_phase
 
 
 # --- load-balanced sequence sharding -----------------------------------------------------------
@@ -93,7 +93,7 @@ def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup], dim: in
     if group is None:
         return x
     shards = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    with phase("cp-all-gather"):
+    with comm_phase("cp-all-gather"):
         dist.all_gather(shards, x.contiguous(), group=group)
     return unshard_sequence(shards, dim)
 
@@ -156,7 +156,7 @@ class _Ring:
         """Start passing `tensor` on; returns (buffer that will hold the previous rank's, wait())."""
         tensor = tensor.contiguous()
         recv = torch.empty_like(tensor)
-        with phase("cp-ring-shift"):
+        with comm_phase("cp-ring-shift"):
             works = [dist.isend(tensor, self.next, group=self.group, tag=tag),
                      dist.irecv(recv, self.prev, group=self.group, tag=tag)]
         return recv, lambda: _wait(works)
@@ -164,7 +164,7 @@ class _Ring:
 
 def _wait(works) -> None:
     """The ring's exposed communication: what the block compute did not hide."""
-    with phase("cp-ring-wait"):
+    with comm_phase("cp-ring-wait"):
         for work in works:
             work.wait()
 
