@@ -7,6 +7,7 @@
     ironcore eval CONFIG [overrides ...]              evaluate model_path's latest checkpoint
     ironcore preprocess ...                           tokenize text into indexed datasets
     ironcore data-stats ...                           statistics of indexed datasets
+    ironcore profile-summary PATH [--json]            compute / communication / idle / bubble per step
 
 A configuration mistake (or a missing file) prints the list of problems and exits with status 2;
 a run-time failure the user must fix (NaN loss, corrupted checkpoint, bad data file) prints one
@@ -37,6 +38,7 @@ _RUN_COMMANDS = {
 _TOOL_COMMANDS = {
     "preprocess": ("ironcore.data.preprocess", "tokenize .jsonl/.txt into .bin/.idx datasets"),
     "data-stats": ("ironcore.data.stats", "print statistics of .bin/.idx datasets"),
+    "profile-summary": ("ironcore.observe.profile_summary", "per rank and step: compute, comm by group, idle, bubble"),
 }
 
 
@@ -159,8 +161,8 @@ def _tool(module: str) -> Callable[[Sequence[str]], int]:
 
 def _top_help() -> str:
     lines = ["usage: ironcore [train] CONFIG [overrides ...]", "       ironcore COMMAND ...", "", "commands:"]
-    lines += [f"  {name:<11} {text}" for name, text in _RUN_COMMANDS.items()]
-    lines += [f"  {name:<11} {text}" for name, (_, text) in _TOOL_COMMANDS.items()]
+    lines += [f"  {name:<15} {text}" for name, text in _RUN_COMMANDS.items()]
+    lines += [f"  {name:<15} {text}" for name, (_, text) in _TOOL_COMMANDS.items()]
     lines += ["", "Run `ironcore COMMAND --help` for a command's options."]
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ the run after the window's last step. Without CUDA, NVTX, nsys and memory snapsh
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -32,8 +33,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 # The names `phase` is called with, so traces from every layout read the same (profile_summary uses them).
+# "forward" covers a micro-batch's forward on one model chunk, its loss included (pipeline._Runner.forward).
 PHASES = ("forward", "backward", "optimizer", "grad-reduce", "reference", "eval", "test", "checkpoint",
-          "pp-send-forward", "pp-recv-forward", "pp-send-backward", "pp-recv-backward")
+          "pp-send-forward", "pp-recv-forward", "pp-send-backward", "pp-recv-backward",
+          "tp-all-reduce", "tp-all-gather", "tp-reduce-scatter", "cp-all-gather", "cp-ring-shift", "cp-ring-wait")
 STEP_PREFIX = "ProfilerStep#"
 _MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept; bounds the snapshot's size
 
@@ -48,12 +51,20 @@ def phase(name: str) -> ContextManager:
     return stack
 
 
+def comm_phase(name: str) -> ContextManager:
+    """`phase` for communication inside the model (TP / CP collectives): nothing while torch.compile
+    traces (a range there would break the graph; compiled regions show as one range anyway)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return phase(name)
+
+
 class Profiler:
     """Call ``step_begin(n)`` before and ``step_end(n)`` after training step ``n`` (numbered as the
     console numbers it, from 1); ``step_end`` returns True when the run should stop
     (``stop_on_profile_end`` and ``n`` was the window's last step)."""
 
-    def __init__(self, utils, rank: int, output_dir: Optional[str]):
+    def __init__(self, utils, rank: int, output_dir: Optional[str], layout: Optional[dict] = None):
         self.start, self.end = utils.profile_step_start, utils.profile_step_end
         wanted = (utils.profile_nsys or utils.profile_torch or utils.profile_memory) and rank in list(utils.profile_ranks)
         cuda = torch.cuda.is_available()
@@ -63,6 +74,8 @@ class Profiler:
         self.stop_on_end = utils.stop_on_profile_end and (utils.profile_nsys or utils.profile_torch
                                                           or utils.profile_memory)
         self.rank, self.output_dir, self.tensorboard_dir = rank, Path(output_dir or "."), utils.tensorboard_dir
+        # Written into the trace as "ironcore", for profile_summary (e.g. pp, microbatches, virtual_stages).
+        self.layout = {"rank": rank, **(layout or {})}
         self.first = self.last = None  # the steps the window actually held (a resume may start inside it)
         self._session = None
         self._nsys_on = self._memory_on = False
@@ -137,6 +150,9 @@ class Profiler:
             path = self.path(".json")
             path.parent.mkdir(parents=True, exist_ok=True)
             self._session.export_chrome_trace(str(path))
+            trace = json.loads(path.read_text())
+            trace["ironcore"] = self.layout
+            path.write_text(json.dumps(trace))
             logger.info("torch.profiler trace: %s", path)
             if self.tensorboard_dir:  # the plugin reads <logdir>/<run>/<worker>.pt.trace.json
                 board = Path(self.tensorboard_dir) / "profile" / path.with_suffix(".pt.trace.json").name

@@ -40,6 +40,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ironcore.observe.profiling import comm_phase
+
 
 # --- load-balanced sequence sharding -----------------------------------------------------------
 
@@ -91,7 +93,8 @@ def gather_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup], dim: in
     if group is None:
         return x
     shards = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, x.contiguous(), group=group)
+    with comm_phase("cp-all-gather"):
+        dist.all_gather(shards, x.contiguous(), group=group)
     return unshard_sequence(shards, dim)
 
 
@@ -153,9 +156,17 @@ class _Ring:
         """Start passing `tensor` on; returns (buffer that will hold the previous rank's, wait())."""
         tensor = tensor.contiguous()
         recv = torch.empty_like(tensor)
-        works = [dist.isend(tensor, self.next, group=self.group, tag=tag),
-                 dist.irecv(recv, self.prev, group=self.group, tag=tag)]
-        return recv, lambda: [w.wait() for w in works]
+        with comm_phase("cp-ring-shift"):
+            works = [dist.isend(tensor, self.next, group=self.group, tag=tag),
+                     dist.irecv(recv, self.prev, group=self.group, tag=tag)]
+        return recv, lambda: _wait(works)
+
+
+def _wait(works) -> None:
+    """The ring's exposed communication: what the block compute did not hide."""
+    with comm_phase("cp-ring-wait"):
+        for work in works:
+            work.wait()
 
 
 def _step_slices(step: int, rank: int, size: int, half: int):

@@ -16,7 +16,8 @@ reduce_scatter_to_sequence_parallel_region  reduce-scatter (seq dim)  all-gather
 =======================================  ===========================  ===========================
 
 A ``group`` of ``None`` (or of size one) means no communication: every function is then the
-identity, so single-process code runs the same path.
+identity, so single-process code runs the same path. The collectives run inside ``tp-*`` ranges
+(`profiling.comm_phase`, ``profiling.PHASES``), so profile traces tell TP communication from the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from ironcore.observe.profiling import comm_phase
 
 SEQ_DIM = 1
 
@@ -41,7 +44,8 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if _size(group) == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    with comm_phase("tp-all-reduce"):
+        dist.all_reduce(x, group=group)
     return x
 
 
@@ -60,7 +64,8 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((size * front.shape[0],) + tuple(front.shape[1:]))
-    _all_gather_single(out, front, group=group)
+    with comm_phase("tp-all-gather"):
+        _all_gather_single(out, front, group=group)
     return out.movedim(0, dim)
 
 
@@ -72,7 +77,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split evenly across {size} TP ranks")
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // size,) + tuple(front.shape[1:]))
-    _reduce_scatter_single(out, front, group=group)
+    with comm_phase("tp-reduce-scatter"):
+        _reduce_scatter_single(out, front, group=group)
     return out.movedim(0, dim)
 
 

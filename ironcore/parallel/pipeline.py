@@ -234,7 +234,8 @@ class _Runner:
         if input_tensor is not None and not self.forward_only:
             input_tensor.requires_grad_(True)
         try:
-            with torch.set_grad_enabled(not self.forward_only):
+            # one "forward" range per micro-batch and chunk, the loss included (profile_summary's compute)
+            with torch.set_grad_enabled(not self.forward_only), phase("forward"):
                 output = self.forward_step(self.chunks[chunk], batch, input_tensor)
                 if self.is_last(chunk):
                     loss = self.loss_fn(output, batch)

@@ -175,7 +175,11 @@ class Trainer:
         self.run_info = collect_run_info(pstate, provenance)
         self.log = TrainingLogger(cfg, pstate.rank, to_dict(cfg), resumed=resumed is not None,
                                   run_info=self.run_info)
-        self.profiler = Profiler(cfg.utils, pstate.rank, cfg.trainer.model_path)
+        self.profiler = Profiler(cfg.utils, pstate.rank, cfg.trainer.model_path, layout={
+            "pp": pstate.pp_size, "tp": pstate.tp_size, "dp": pstate.dp_size, "cp": pstate.cp_size,
+            "pp_rank": pstate.pp_rank, "schedule": cfg.parallel.pipeline_schedule,
+            "virtual_stages": cfg.parallel.virtual_pipeline_stages,
+            "microbatches": cfg.trainer.gradient_accumulation_steps})
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.last_saved: Optional[int] = self.step if resumed else None
         self.last_checkpoint: Optional[str] = None
@@ -187,7 +191,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _forward_step(self, model: nn.Module, batch: dict, hidden_states: Optional[torch.Tensor]) -> torch.Tensor:
-        with autocast(self.cfg.model.precision, self.pstate.device), phase("forward"):
+        with autocast(self.cfg.model.precision, self.pstate.device):  # in the pipeline's "forward" range
             return model(**batch_inputs(batch, self.pstate.device), hidden_states=hidden_states)
 
     def _loss(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
