@@ -28,6 +28,9 @@ setup(
         "gpu": ["flash-attn>=2.5"],
         # optional test peers: the DPO loss is checked against TRL's when it is installed
         "peers": ["trl>=1.0"],
+        # lm-evaluation-harness for the `ironcore` model type (ironcore.inference.lm_eval_adapter); [hf]
+        # brings accelerate, which lm-eval's own `hf` model type (the parity reference) needs.
+        "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["ironcore=ironcore.cli:main"]},
 )
