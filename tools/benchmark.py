@@ -12,12 +12,25 @@ a 2048-square GEMM in the compute dtype, measured in every round beside the mode
     python tools/benchmark.py                       # 4 layers x d256, seq 256, vocab 50,304, batch 8
     python tools/benchmark.py --device cuda --precision bfloat16 --layers 12 --d-model 768 --heads 12
 
-Prints one JSON object: per implementation tokens/s, step time and MFU, and IronCore's ratios.
+Prints one JSON object: per implementation tokens/s, step time, MFU and the step's peak memory,
+and IronCore's ratios. ``--recompute none|selective|full`` and ``--ce-chunk N``
+(``model.cross_entropy_chunk_size``) set IronCore's activation recompute and fused LM head.
+
+The step's peak memory (``step_peak_mib``) is measured in one extra untimed step after the timed
+rounds: the high-water mark of memory above what was resident before the step (the weights,
+optimizer state and everything else), i.e. activations, gradients and temporaries. On CUDA it is
+``torch.cuda.max_memory_allocated`` minus the allocated bytes before the step. On CPU (Linux)
+it is the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
+its resident set before the step, with glibc told to serve every allocation over 64 KiB by
+``mmap`` so freed buffers leave the process at once and do not hide the next step's peak.
+``activation_mib`` is what a forward leaves alive for its backward (the same counters: memory
+while the loss and its graph exist minus memory before the forward), under the recompute setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import platform
@@ -99,6 +112,9 @@ def ironcore_step(args, device):
     cfg.trainer.use_flash_attn = device.type == "cuda"
     cfg.trainer.micro_batch_size, cfg.trainer.train_batch_size = args.batch, args.batch
     cfg.trainer.compile_model = args.compile
+    cfg.operation.activation_recompute = args.recompute != "none"
+    cfg.operation.recompute_strategy = "optimized" if args.recompute == "selective" else "default"
+    m.cross_entropy_chunk_size = args.ce_chunk
     cfg.operation.train_steps = 10 * (args.warmup + args.rounds * args.steps)
     cfg.parallel.dist_backend = "nccl" if device.type == "cuda" else "gloo"
     cfg = validate_config(cfg)
@@ -109,7 +125,11 @@ def ironcore_step(args, device):
     def step(batch: dict) -> None:
         trainer.train_step(stop)
 
-    return step, trainer.chunks[0].padded_vocab_size
+    def forward(batch: dict) -> torch.Tensor:
+        with autocast(args.precision, device):
+            return trainer.model(input_ids=batch["input_ids"], labels=batch["labels"]).mean()
+
+    return step, forward
 
 
 def hf_step(args, device):
@@ -123,15 +143,17 @@ def hf_step(args, device):
         model.compile()
     optimizer = _adamw(model, device)
 
-    def step(batch: dict) -> None:
+    def forward(batch: dict) -> torch.Tensor:
         with autocast(args.precision, device):
-            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-        loss.backward()
+            return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def step(batch: dict) -> None:
+        forward(batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, forward
 
 
 def plain_step(args, device):
@@ -140,18 +162,78 @@ def plain_step(args, device):
         model.compile()
     optimizer = _adamw(model, device)
 
-    def step(batch: dict) -> None:
+    def forward(batch: dict) -> torch.Tensor:
         with autocast(args.precision, device):
-            loss = model(batch["input_ids"], batch["labels"])
-        loss.backward()
+            return model(batch["input_ids"], batch["labels"])
+
+    def step(batch: dict) -> None:
+        forward(batch).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, forward
 
 
 # ---------------------------------------------------------------------------- measurement
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _mmap_large_allocations() -> bool:
+    """Make glibc return freed buffers over 64 KiB to the OS (fixing the threshold also stops glibc
+    from raising it after frees), so the resident set follows the live bytes. False off glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _live_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return _rss_kib("VmRSS") * 1024
+
+
+def activation_bytes(forward, batch: dict, device: torch.device) -> int | None:
+    """Bytes a forward leaves alive for its backward (the activations, under the recompute
+    setting): memory while its loss and graph exist, minus memory before it."""
+    try:
+        before = _live_bytes(device)
+        loss = forward(batch)
+        held = _live_bytes(device) - before
+    except OSError:
+        return None
+    del loss
+    return held
+
+
+def step_peak_bytes(step, batch: dict, device: torch.device) -> int | None:
+    """Bytes one step allocates above what was resident before it (see the module docstring);
+    None where the platform offers no measure."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(batch)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+        before = _rss_kib("VmRSS")
+        step(batch)
+        return (_rss_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -176,6 +258,10 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def _mib(count: int | None) -> float | None:
+    return round(count / 2**20, 1) if count is not None else None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=4)
@@ -193,6 +279,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile all three models")
     p.add_argument("--only", nargs="+", default=["ironcore", "hf", "plain"], choices=["ironcore", "hf", "plain"])
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="IronCore's activation recompute (operation.activation_recompute / recompute_strategy)")
+    p.add_argument("--ce-chunk", type=int, default=0,
+                   help="IronCore's model.cross_entropy_chunk_size (0: the unfused LM head)")
     return p.parse_args(argv)
 
 
@@ -201,6 +291,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     args.precision = args.precision or ("bfloat16" if device.type == "cuda" else "float32")
+    mmap_fixed = device.type == "cpu" and _mmap_large_allocations()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -209,9 +300,10 @@ def main(argv=None) -> int:
              "loss_mask": torch.ones(args.batch, args.seq_len, device=device),
              "position_ids": torch.arange(args.seq_len, device=device).expand(args.batch, -1)}
 
-    builders = {"ironcore": lambda: ironcore_step(args, device)[0], "hf": lambda: hf_step(args, device),
-                "plain": lambda: plain_step(args, device)}
-    steps = {name: builders[name]() for name in args.only}
+    builders = {"ironcore": ironcore_step, "hf": hf_step, "plain": plain_step}
+    steps, forwards = {}, {}
+    for name in args.only:
+        steps[name], forwards[name] = builders[name](args, device)
     for name, step in steps.items():
         for _ in range(args.warmup):
             step(batch)
@@ -222,6 +314,8 @@ def main(argv=None) -> int:
             times[name].append(_time_steps(step, batch, args.steps, device))
         if device.type == "cpu":  # the CPU ceiling is measured in the same rounds, under the same load
             cpu_peaks.append(metrics.gemm_flops(compute_dtype(args.precision), size=2048, repeats=3))
+    step_peaks = {name: step_peak_bytes(step, batch, device) for name, step in steps.items()}
+    activations = {name: activation_bytes(forward, batch, device) for name, forward in forwards.items()}
 
     destroy_distributed()
     model_cfg = Config().model
@@ -235,6 +329,7 @@ def main(argv=None) -> int:
         tps = args.batch * args.seq_len / step_s
         results[name] = {"tokens_per_s": round(tps, 1), "step_s": round(step_s, 4),
                          "mfu": round(tps * flops_per_token / peak, 4) if peak else None,
+                         "step_peak_mib": _mib(step_peaks[name]), "activation_mib": _mib(activations[name]),
                          "step_s_all_rounds": [round(t, 4) for t in ts]}
     ratios = {}
     if "ironcore" in results:
@@ -242,12 +337,19 @@ def main(argv=None) -> int:
             if peer in results:
                 ratio = results["ironcore"]["tokens_per_s"] / results[peer]["tokens_per_s"]
                 ratios[f"ironcore_vs_{peer}"] = round(ratio, 3)
+                for measure in ("step_peak", "activation"):
+                    ours, theirs = results["ironcore"][f"{measure}_mib"], results[peer][f"{measure}_mib"]
+                    if ours and theirs:
+                        ratios[f"ironcore_{measure}_vs_{peer}"] = round(ours / theirs, 3)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     print(json.dumps({
         "shape": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "seq_len": args.seq_len,
                   "vocab": args.vocab, "batch": args.batch},
         "device": device.type, "device_name": device_name, "precision": args.precision,
         "threads": torch.get_num_threads() if device.type == "cpu" else None, "compile": args.compile,
+        "recompute": args.recompute, "ce_chunk": args.ce_chunk,
+        "step_peak_measure": ("cuda max_memory_allocated" if device.type == "cuda" else
+                              "VmHWM - VmRSS" + (" (glibc mmap threshold 64 KiB)" if mmap_fixed else "")),
         "torch": torch.__version__, "model_flops_per_token": flops_per_token,
         "peak_tflops": round(peak / 1e12, 3) if peak else None,
         "results": results, "ratios": ratios,
