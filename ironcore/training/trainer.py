@@ -49,6 +49,7 @@ from torch import nn
 
 from ironcore.checkpoint.io import claim_model_path, set_rng_state
 from ironcore.config import Config, to_dict
+from ironcore.config.memory import check_memory
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.run_info import collect_run_info
@@ -147,7 +148,7 @@ class Trainer:
     """Builds everything a run needs from ``cfg`` on this rank, then ``run()`` trains."""
 
     def __init__(self, cfg: Config, pstate: ParallelState, provenance: Optional[dict[str, str]] = None):
-        from ironcore.data import build_datasets, build_loader, build_tokenizer
+        from ironcore.data import build_datasets, build_loader, build_tokenizer, resolve_vocab_size
 
         self.cfg, self.pstate = cfg, pstate
         _configure_logging(cfg.utils.log_level, pstate.rank)
@@ -155,6 +156,9 @@ class Trainer:
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
         tokenizer = build_tokenizer(cfg.model)
+        # Before any data or model memory: refuse a config whose estimate exceeds the device's memory.
+        self.memory_estimate = check_memory(cfg, provenance, resolve_vocab_size(cfg, tokenizer), pstate.device)
+        logger.info("%s", self.memory_estimate.summary())
         self.datasets = build_datasets(cfg, tokenizer)  # bad data fails before a model is built
         run = build_run(cfg, pstate, tokenizer=tokenizer)
         self.chunks, self.stages, self.model = run.chunks, run.stages, run.model
