@@ -61,7 +61,13 @@ Terms (bytes), and why each is what it is:
   the same for ``cross_entropy_chunk_size`` tokens, plus the head weight's cast copy and the fp32
   accumulator of its gradient ``4 V d / t``), or, under recompute, one layer's activations being
   recomputed in backward; FSDP adds the unsharded parameters of the root unit (embedding, head)
-  and of two blocks (the one computing and the one prefetched).
+  and of two blocks (the one computing and the one prefetched). The training peak is the persistent
+  state (params, optimizer, weight copies) plus the larger of the forward's peak (activations and
+  the head's forward temporaries; gradients only when they already exist: accumulation, DDP
+  buckets, pipelines) and the backward's (activations plus the larger of the head's backward
+  temporaries and the gradients; an upper bound, as layers free their activations while their
+  gradients appear). With ``set_to_none`` gradients (the trainer's) a single micro-batch's forward
+  holds no gradients.
 * **eval**: evaluation (``trainer.do_eval``/``do_test``) runs forward only over
   ``eval_batch_size`` sequences (micro_batch_size when unset): nothing is saved, but its logits must
   fit (unfused: the matmul output, fp32 copy, masked and shifted copies, ``eval_batch × s × V/t``),
@@ -122,7 +128,8 @@ class MemoryEstimate:
     optimizer: int
     weight_copies: int
     activations: int
-    workspace: int
+    forward_workspace: int           # temporaries at the forward's peak (the LM head's logits)
+    backward_workspace: int          # temporaries at the backward's peak (head gradient, a recomputed layer)
     eval_activations: int            # evaluation's forward-only working set (0 without evaluation)
     micro_batch: int
     in_flight: int                   # micro-batches whose activations the rank holds at once
@@ -134,10 +141,21 @@ class MemoryEstimate:
     device: str = ""
     parts: dict[str, int] = field(default_factory=dict)  # activation pieces per micro-batch, for messages
 
+    grads_in_forward: bool = False   # gradients already allocated during forward (accumulation, DDP, PP)
+
+    @property
+    def workspace(self) -> int:
+        return max(self.forward_workspace, self.backward_workspace)
+
     @property
     def train_total(self) -> int:
-        return (self.params + self.grads + self.optimizer + self.weight_copies + self.activations
-                + self.workspace)
+        """The training step's peak: the persistent state, plus the larger of the forward's peak
+        (activations, head logits; gradients only when they already exist) and the backward's
+        (gradients allocated while activations are still held: an upper bound, as each layer's
+        activations are freed once its gradients exist)."""
+        forward = self.activations + self.forward_workspace + (self.grads if self.grads_in_forward else 0)
+        backward = self.activations + max(self.backward_workspace, self.grads)
+        return self.params + self.optimizer + self.weight_copies + max(forward, backward)
 
     @property
     def eval_total(self) -> int:
@@ -345,20 +363,25 @@ def _estimate_rank(cfg: Config, vocab_size: Optional[int], device_type: str, ran
     in_flight = _in_flight(cfg, pp, rank, t.gradient_accumulation_steps or 1)
     activations = int(per_token * tokens * in_flight)
 
-    # Workspace: the largest temporary beside the saved activations.
-    candidates = [0]
+    # Workspace: the largest temporaries beside the saved activations, in forward and in backward.
+    forward_ws, backward_ws = 0, 0
     if last and known:
         if fused:
             chunk = min(m.cross_entropy_chunk_size, tokens)
-            candidates.append(chunk * Vt * _logits_bytes(c, padded, True) + (4 + (c if c != 4 else 0)) * Vt * d)
+            cast = c * Vt * d if c != 4 else 0
+            forward_ws = chunk * Vt * _logits_bytes(c, padded, True) + cast
+            backward_ws = forward_ws + 4 * Vt * d          # + the fp32 accumulator of the head's gradient
         else:
-            candidates.append(tokens * Vt * _logits_bytes(c, padded, False))
+            forward_ws = tokens * Vt * _logits_bytes(c, padded, False)
+            backward_ws = tokens * Vt * c if c != 4 else 0  # the logits' gradient cast for the head's matmul
     if recompute != "off":
-        candidates.append(int(full_layer * tokens))
-    workspace = max(candidates)
+        backward_ws = max(backward_ws, int(full_layer * tokens))
     if p.use_fsdp:
         root = embedding + positions + head + final_norm
-        workspace += c * (root + 2 * layer_params) if c != 4 else 4 * (root + 2 * layer_params)
+        unsharded = (c if c != 4 else 4) * (root + 2 * layer_params)
+        forward_ws, backward_ws = forward_ws + unsharded, backward_ws + unsharded
+    # Gradients exist in forward when micro-batches accumulate into them or DDP keeps buckets.
+    grads_in_forward = (t.gradient_accumulation_steps or 1) > 1 or pp > 1 or (dp * cp > 1 and not p.use_fsdp)
 
     # Evaluation: forward only, eval_batch_size sequences, nothing saved.
     eval_activations, eval_batch = 0, 0
@@ -374,7 +397,8 @@ def _estimate_rank(cfg: Config, vocab_size: Optional[int], device_type: str, ran
 
     return MemoryEstimate(
         params=params, grads=grads, optimizer=optimizer, weight_copies=weight_copies, activations=activations,
-        workspace=int(workspace), eval_activations=eval_activations, micro_batch=t.micro_batch_size,
+        forward_workspace=int(forward_ws), backward_workspace=int(backward_ws),
+        grads_in_forward=grads_in_forward, eval_activations=eval_activations, micro_batch=t.micro_batch_size,
         in_flight=in_flight, recompute=recompute, pipeline_rank=rank, eval_batch=eval_batch, vocab_known=known,
         parts={"layers": int(layers * kept_layer * tokens * in_flight),
                "logits": int(tokens * 4 * Vt) if last and known and not fused else 0})
