@@ -242,3 +242,16 @@ def test_train_start_up_log_has_the_estimate(tmp_path, caplog):
         train(cfg)
     lines = [r.getMessage() for r in caplog.records if "memory estimate per rank" in r.getMessage()]
     assert lines and "of host RAM" in lines[0]
+
+
+def test_device_memory_override(monkeypatch):
+    from ironcore.config.memory import device_memory
+    monkeypatch.setenv("IRONCORE_DEVICE_MEMORY", "80GiB")
+    assert device_memory() == (80 * 2**30, "IRONCORE_DEVICE_MEMORY=80GiB")
+    monkeypatch.setenv("IRONCORE_DEVICE_MEMORY", "0")
+    cfg = _cfg()
+    cfg.trainer.micro_batch_size = 10**6
+    check_memory(cfg)  # 0: no check
+    monkeypatch.setenv("IRONCORE_DEVICE_MEMORY", "lots")
+    with pytest.raises(ConfigError, match="IRONCORE_DEVICE_MEMORY"):
+        check_memory(cfg)

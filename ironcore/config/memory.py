@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -426,14 +427,38 @@ def _nvidia_gpu_visible() -> bool:
         return False
 
 
+MEMORY_ENV = "IRONCORE_DEVICE_MEMORY"
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+          "g": GiB, "gb": 1000**3, "gib": GiB, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``141 GB``, ``1e9`` -> bytes; raises ConfigError naming the variable otherwise."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    try:
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        if not math.isfinite(value) or value < 0:
+            raise ValueError
+    except (AttributeError, KeyError, ValueError):
+        raise ConfigError([f"environment variable {MEMORY_ENV}={text!r}: expected a size such as 80GiB or "
+                           "141GB (0 disables the memory check)"]) from None
+    return int(value)
+
+
 def device_memory(device: Any = None, local_rank: int = 0) -> tuple[int, str]:
     """(bytes, description) of the memory one rank may use.
+
+    ``IRONCORE_DEVICE_MEMORY`` (e.g. ``80GiB``; ``0`` turns the check off) overrides the detection,
+    e.g. to check a GPU config with ``ironcore config`` on a login node without GPUs.
 
     ``device``: a ``torch.device`` (the run's); None: guess as the run would pick it (CUDA when a
     GPU is visible, else the CPU) — torch is imported only when a GPU may be there, so ``ironcore
     config`` stays light on a CPU host. CUDA: the local device's total memory. CPU: the physical RAM,
     shared by this node's ranks (``LOCAL_WORLD_SIZE``)."""
     kind = getattr(device, "type", None)
+    override = os.environ.get(MEMORY_ENV, "").strip()
+    if override:
+        return parse_bytes(override), f"{MEMORY_ENV}={override}"
     if kind is None:
         torch = sys.modules.get("torch")
         if torch is None and _nvidia_gpu_visible():
@@ -488,7 +513,7 @@ def check_memory(cfg: Config, prov: Optional[dict[str, str]] = None, vocab_size:
 
     prov = prov or {}
     available, name = device_memory(device, cfg.parallel.local_rank)
-    device_type = getattr(device, "type", None) or ("cuda" if name.startswith("device cuda") else "cpu")
+    device_type = getattr(device, "type", None) or ("cpu" if "RAM" in name else "cuda")
     est = estimate_memory(cfg, vocab_size, device_type)
     est.device_memory, est.device = available, name
     if available and est.total > available:
