@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 from ironcore.config import Config, ConfigError, load_config_with_provenance, to_yaml
+from ironcore.config.memory import check_memory
 from ironcore.config.validate import inert_settings
 
 USAGE_ERROR = 2
@@ -140,7 +141,9 @@ def cmd_config(argv: Sequence[str]) -> int:
                              "the checkpoint's config as it was trained")
         return _print_from_checkpoint(parsed.from_checkpoint)
     cfg, provenance, path = _load("config", argv)
+    estimate = check_memory(cfg, provenance)  # a config that cannot fit is an error here too
     print(f"# Resolved by `ironcore config {path}`; each key's comment says where its value came from.")
+    print(f"# {estimate.summary()}")
     print(to_yaml(cfg, provenance), end="")
     return 0
 

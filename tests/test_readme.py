@@ -83,6 +83,7 @@ def test_readme_single_node_gpu_command_validates(at_root, monkeypatch, capsys):
     command = block.split("torchrun --nproc_per_node=8 -m ironcore ", 1)[1].split("\n\n", 1)[0]
     args = command.replace("\\\n", " ").split()
     monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("IRONCORE_DEVICE_MEMORY", "80GiB")  # a GPU command: checked against a GPU's memory
     assert cli.main(["config", *args]) == 0
     out = capsys.readouterr().out
     assert "  gradient_accumulation_steps: 8 " in out and "  d_model: 768 " in out
