@@ -308,18 +308,21 @@ def step_profile(step: Step) -> None:
 
 def _nsys_kernels(report: Path, step: Step) -> list[dict] | str:
     """The top kernels of an nsys report (``nsys stats -r cuda_gpu_kern_sum``), or why not."""
-    run = step.run(["nsys", "stats", "-q", "-r", "cuda_gpu_kern_sum", "-f", "csv", str(report)], label="stats")
+    run = step.run(["nsys", "stats", "-r", "cuda_gpu_kern_sum", "-f", "csv", str(report)], label="stats")
     if run.get("rc") != 0:
         return _fail_reason(run)
-    text = run["stdout"]
-    start = text.find("Time (%)")
-    if start < 0:
-        start = text.find('"Time (%)"')
-    if start < 0:
+    return nsys_kernel_table(run["stdout"])
+
+
+def nsys_kernel_table(text: str, top: int = 10) -> list[dict] | str:
+    """The first ``top`` rows of the CSV kernel table in ``nsys stats`` output (after its notices)."""
+    lines = text.splitlines()
+    header = next((i for i, line in enumerate(lines) if "Time (%)" in line and "Name" in line), None)
+    if header is None:
         return "no kernel table in nsys stats' output"
-    rows = list(csv.DictReader(io.StringIO(text[start:])))
-    return [{k: v for k, v in row.items() if k in ("Time (%)", "Total Time (ns)", "Instances", "Name")}
-            for row in rows[:10]]
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines[header:]))))
+    keep = ("Time (%)", "Total Time (ns)", "Instances", "Name")
+    return [{k: row.get(k) for k in keep} for row in rows[:top] if row.get("Name")]
 
 
 def step_nsys(step: Step) -> None:
