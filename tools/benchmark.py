@@ -14,7 +14,11 @@ a 2048-square GEMM in the compute dtype, measured in every round beside the mode
 
 Prints one JSON object: per implementation tokens/s, step time, MFU and the step's peak memory,
 and IronCore's ratios. ``--recompute none|selective|full`` and ``--ce-chunk N``
-(``model.cross_entropy_chunk_size``) set IronCore's activation recompute and fused LM head.
+(``model.cross_entropy_chunk_size``) set IronCore's activation recompute and fused LM head;
+``--attn auto|sdpa|flash`` its attention kernel (``auto``: flash-attn on CUDA when installed, else
+SDPA; ``flash`` fails when flash-attn cannot run). ``--arch llama`` trains a LLaMA-style shape
+instead (RMSNorm, SwiGLU of ``--ffn``, RoPE, no biases, untied head, ``--groups`` KV groups for
+GQA), against Hugging Face's ``LlamaForCausalLM``; the plain GPT is GPT-2-only.
 
 The step's peak memory (``step_peak_mib``) is measured in one extra untimed step after the timed
 rounds: the high-water mark of memory above what was resident before the step (the weights,
@@ -102,14 +106,16 @@ def ironcore_step(args, device):
     The batch the peers get is not used: the trainer draws its own, of the same shape."""
     cfg = Config()
     m = cfg.model
-    m.d_model, m.d_ffn, m.num_layers, m.num_attention_heads = args.d_model, 4 * args.d_model, args.layers, args.heads
-    m.max_seq_len, m.precision, m.activation_type = args.seq_len, args.precision, "gelu_tanh"
+    model_shape(m, args)
+    m.max_seq_len, m.precision = args.seq_len, args.precision
     m.dropout_embd = m.dropout_attn = m.dropout_mlp = 0.0
     cfg.data.vocab_size = args.vocab
     shakespeare = Path(__file__).resolve().parents[1] / "ironcore" / "assets" / "tinyshakespeare.txt"
     cfg.data.train_datasets = [{"path": str(shakespeare), "weight": 1.0}]
     cfg.optim.max_lr, cfg.optim.weight_decay, cfg.optim.clip_grad = 1e-4, 0.1, 1.0
-    cfg.trainer.use_flash_attn = device.type == "cuda"
+    if args.attn == "flash" and not flash_attn_usable(device, args.precision):
+        raise SystemExit("--attn flash: flash-attn is not installed, or the run is not fp16/bf16 on CUDA")
+    cfg.trainer.use_flash_attn = device.type == "cuda" and args.attn != "sdpa"
     cfg.trainer.micro_batch_size, cfg.trainer.train_batch_size = args.batch, args.batch
     cfg.trainer.compile_model = args.compile
     cfg.operation.activation_recompute = args.recompute != "none"
@@ -132,13 +138,41 @@ def ironcore_step(args, device):
     return step, forward
 
 
-def hf_step(args, device):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def model_shape(m, args) -> None:
+    """Set ``--arch``'s shape on the ModelConfig ``m`` (the trainer's, and the FLOP count's)."""
+    m.d_model, m.num_layers, m.num_attention_heads = args.d_model, args.layers, args.heads
+    m.d_ffn = args.ffn or 4 * args.d_model
+    if args.arch == "llama":
+        m.activation_type, m.ln_type, m.no_bias, m.untie_embed = "swiglu", "rmsnorm", True, True
+        m.num_attention_groups = args.groups
+        m.positional_embedding.type = "rope"
+    else:
+        m.activation_type = "gelu_tanh"
 
-    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.d_model, n_layer=args.layers,
-                        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    config._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(config).to(device)
+
+def flash_attn_usable(device: torch.device, precision: str) -> bool:
+    from ironcore.model import attention
+
+    return attention.flash_attn_func is not None and device.type == "cuda" and precision in ("bfloat16", "float16")
+
+
+def hf_step(args, device):
+    if args.arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.ffn or 4 * args.d_model,
+                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                             num_key_value_heads=args.groups or args.heads, max_position_embeddings=args.seq_len,
+                             tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+        config._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(config).to(device)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.d_model, n_layer=args.layers,
+                            n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config._attn_implementation = "sdpa"
+        model = GPT2LMHeadModel(config).to(device)
     if args.compile:
         model.compile()
     optimizer = _adamw(model, device)
@@ -283,7 +317,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="IronCore's activation recompute (operation.activation_recompute / recompute_strategy)")
     p.add_argument("--ce-chunk", type=int, default=0,
                    help="IronCore's model.cross_entropy_chunk_size (0: the unfused LM head)")
-    return p.parse_args(argv)
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"],
+                   help="gpt2 (LayerNorm, GELU, learned positions, tied head) or llama (RMSNorm, SwiGLU, RoPE, "
+                        "no biases, untied head; the peer is HF LlamaForCausalLM, no plain GPT)")
+    p.add_argument("--ffn", type=int, default=None, help="MLP width (default 4 x d_model)")
+    p.add_argument("--groups", type=int, default=None, help="--arch llama: KV groups for GQA (default: MHA)")
+    p.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flash"],
+                   help="IronCore's attention kernel: auto (flash-attn on CUDA when installed), sdpa, flash")
+    args = p.parse_args(argv)
+    if args.arch == "llama" and "plain" in args.only:
+        p.error("--arch llama: the plain GPT is GPT-2-only; pass --only ironcore hf")
+    return args
 
 
 def main(argv=None) -> int:
@@ -319,8 +363,7 @@ def main(argv=None) -> int:
 
     destroy_distributed()
     model_cfg = Config().model
-    model_cfg.d_model, model_cfg.d_ffn, model_cfg.num_layers = args.d_model, 4 * args.d_model, args.layers
-    model_cfg.num_attention_heads = args.heads
+    model_shape(model_cfg, args)
     flops_per_token = metrics.model_flops_per_token(model_cfg, args.vocab, args.seq_len)
     peak = max(cpu_peaks) if cpu_peaks else metrics.device_peak_flops(device, compute_dtype(args.precision))
     results = {}
@@ -343,11 +386,13 @@ def main(argv=None) -> int:
                         ratios[f"ironcore_{measure}_vs_{peer}"] = round(ours / theirs, 3)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     print(json.dumps({
-        "shape": {"layers": args.layers, "d_model": args.d_model, "heads": args.heads, "seq_len": args.seq_len,
-                  "vocab": args.vocab, "batch": args.batch},
+        "shape": {"arch": args.arch, "layers": args.layers, "d_model": args.d_model, "d_ffn": model_cfg.d_ffn,
+                  "heads": args.heads, "groups": model_cfg.num_attention_groups or args.heads,
+                  "seq_len": args.seq_len, "vocab": args.vocab, "batch": args.batch},
         "device": device.type, "device_name": device_name, "precision": args.precision,
         "threads": torch.get_num_threads() if device.type == "cpu" else None, "compile": args.compile,
         "recompute": args.recompute, "ce_chunk": args.ce_chunk,
+        "attention": ("flash-attn" if args.attn != "sdpa" and flash_attn_usable(device, args.precision) else "sdpa"),
         "step_peak_measure": ("cuda max_memory_allocated" if device.type == "cuda" else
                               "VmHWM - VmRSS" + (" (glibc mmap threshold 64 KiB)" if mmap_fixed else "")),
         "torch": torch.__version__, "model_flops_per_token": flops_per_token,
