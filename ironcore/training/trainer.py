@@ -50,6 +50,7 @@ from torch import nn
 from ironcore.checkpoint.io import claim_model_path, set_rng_state
 from ironcore.config import Config, to_dict
 from ironcore.config.memory import MemoryEstimate, check_memory
+from ironcore.data.tokenizer import Tokenizer, build_tokenizer, resolve_vocab_size
 from ironcore.observe import metrics
 from ironcore.observe.loggers import TrainingLogger
 from ironcore.observe.run_info import collect_run_info
@@ -96,9 +97,10 @@ def train(cfg: Config, provenance: Optional[dict[str, str]] = None) -> dict:
     lock = None
     try:
         # Before anything is allocated or written: refuse a config that cannot fit (ConfigError).
-        estimate = check_memory(cfg, provenance, _vocab_size(cfg), pstate.device)
+        tokenizer = build_tokenizer(cfg.model)
+        estimate = check_memory(cfg, provenance, resolve_vocab_size(cfg, tokenizer), pstate.device)
         lock = claim_model_path(cfg, pstate)  # one run per model_path; leftovers of crashed saves tidied
-        return Trainer(cfg, pstate, provenance, estimate).run()
+        return Trainer(cfg, pstate, provenance, estimate, tokenizer).run()
     finally:
         if lock is not None:
             lock.release()
@@ -106,14 +108,6 @@ def train(cfg: Config, provenance: Optional[dict[str, str]] = None) -> dict:
         # Leave the process as we found it (train() may be called again, e.g. by tests or notebooks).
         package_logger.setLevel(log_level)
         torch.use_deterministic_algorithms(deterministic)
-
-
-def _vocab_size(cfg: Config) -> int:
-    """The real vocabulary (``data.vocab_size``, else the tokenizer's), for the memory estimate."""
-    from ironcore.data import build_tokenizer, resolve_vocab_size
-    if cfg.data.vocab_size is not None:
-        return cfg.data.vocab_size
-    return resolve_vocab_size(cfg, build_tokenizer(cfg.model))
 
 
 def _configure_logging(log_level: str, rank: int) -> None:
@@ -158,15 +152,15 @@ class Trainer:
     """Builds everything a run needs from ``cfg`` on this rank, then ``run()`` trains."""
 
     def __init__(self, cfg: Config, pstate: ParallelState, provenance: Optional[dict[str, str]] = None,
-                 memory_estimate: Optional[MemoryEstimate] = None):
-        from ironcore.data import build_datasets, build_loader, build_tokenizer, resolve_vocab_size
+                 memory_estimate: Optional[MemoryEstimate] = None, tokenizer: Optional[Tokenizer] = None):
+        from ironcore.data import build_datasets, build_loader
 
         self.cfg, self.pstate = cfg, pstate
         _configure_logging(cfg.utils.log_level, pstate.rank)
         self.objective = build_objective(cfg, pstate.cp_group)
         _set_determinism(cfg.init.seed, cfg.utils.deterministic, pstate.device)
 
-        tokenizer = build_tokenizer(cfg.model)
+        tokenizer = tokenizer or build_tokenizer(cfg.model)
         if memory_estimate is None:
             memory_estimate = check_memory(cfg, provenance, resolve_vocab_size(cfg, tokenizer), pstate.device)
         self.memory_estimate = memory_estimate
