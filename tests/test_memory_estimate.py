@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from ironcore.parallel.state import ParallelState
 from ironcore.training.optimizer import build_optimizer
 from ironcore.training.precision import autocast
 from ironcore.training.recompute import apply_activation_recompute
+from tools import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50257
@@ -46,10 +46,6 @@ def _cfg(precision="float32", recompute=False, chunk=0, **model) -> Config:
     cfg.data.vocab_size = VOCAB
     cfg.operation.activation_recompute = recompute
     return cfg
-
-
-def _proc_status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def _measure(cfg: Config) -> dict[str, int]:
@@ -84,13 +80,11 @@ def _measure(cfg: Config) -> dict[str, int]:
 
     step({})
     saved: dict[int, int] = {}
-    before = _proc_status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS
-    grads = step(saved)
-    growth = _proc_status("VmHWM") - before
+    grads: list[int] = []
+    growth = benchmark.step_peak_bytes(lambda _: grads.append(step(saved)), {}, torch.device("cpu"))
     params = sum(p.nbytes for p in model.parameters())
     opt = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
-    return {"params": params, "grads": grads, "optimizer": opt,
+    return {"params": params, "grads": grads[0], "optimizer": opt,
             "activations": sum(n for ptr, n in saved.items() if ptr not in param_storages),
             "peak": growth + params + opt}
 
