@@ -105,9 +105,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def padded_vocab(vocab_size: int, padding_unit: int, tp: int) -> int:
-    """The model's padded vocabulary (as ``ironcore.model.gpt.padded_vocab_size``)."""
-    return _ceil_div(vocab_size, padding_unit * tp) * padding_unit * tp
+def padded_vocab_size(vocab_size: int, padding_unit: int, tp_size: int) -> int:
+    """`vocab_size` rounded up to a multiple of ``padding_unit × tp_size`` (even TP split, tensor
+    core friendly shapes): the model's vocabulary. Padded ids never receive probability mass in the loss."""
+    return _ceil_div(vocab_size, padding_unit * tp_size) * padding_unit * tp_size
 
 
 def format_bytes(n: float) -> str:
@@ -311,7 +312,7 @@ def _estimate_rank(cfg: Config, vocab_size: Optional[int], device_type: str, ran
     first, last = rank == 0, rank == pp - 1
     vocab = vocab_size if vocab_size is not None else cfg.data.vocab_size
     known = vocab is not None
-    V = padded_vocab(vocab, t.vocab_padding_unit, tp) if known else 0
+    V = padded_vocab_size(vocab, t.vocab_padding_unit, tp) if known else 0
     padded = known and V != vocab
     Vt = V // tp
     dpo = cfg.data.task_type == "dpo"

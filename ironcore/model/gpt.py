@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ironcore.config.memory import padded_vocab_size  # torch-free, shared with the memory estimate
 from ironcore.config.schema import Config, ModelConfig
 from ironcore.model.attention import Attention, segment_causal_mask
 from ironcore.model.init import init_parameters
@@ -48,13 +49,6 @@ from ironcore.parallel.random import get_rng_tracker, set_random_seed
 from ironcore.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
-
-
-def padded_vocab_size(vocab_size: int, padding_unit: int, tp_size: int) -> int:
-    """`vocab_size` rounded up to a multiple of ``padding_unit × tp_size`` (even TP split, tensor
-    core friendly shapes). Padded ids never receive probability mass in the loss."""
-    multiple = padding_unit * tp_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def resolved_head_dim(cfg: ModelConfig) -> int:
